@@ -1,0 +1,50 @@
+"""An MCP tool server on mcp-sse-transport: ``python -m examples.server [--host H] [--port P]``.
+
+Tools: ``echo`` returns its text, ``countdown`` streams progress notifications then returns,
+``fail`` raises, so a client sees a tool error. GET ``/sse`` opens a session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mcp.server.mcpserver import Context, MCPServer
+
+from mcp_sse_transport import SseConfig, run
+
+mcp = MCPServer("mcp-sse-transport example")
+
+
+@mcp.tool()
+def echo(text: str) -> str:
+    """Return ``text`` unchanged."""
+    return text
+
+
+@mcp.tool()
+async def countdown(steps: int, ctx: Context) -> str:
+    """Report ``steps`` progress notifications, then say how many were sent."""
+    for step in range(1, steps + 1):
+        await ctx.report_progress(step, steps, message=f"step {step} of {steps}")
+    return f"counted {steps} steps"
+
+
+@mcp.tool()
+def fail(reason: str = "this tool always fails") -> str:
+    """Raise, so the client gets a tool error."""
+    raise RuntimeError(reason)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--heartbeat", type=float, default=15.0, help="idle seconds before a heartbeat")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(mcp, host=args.host, port=args.port, config=SseConfig(heartbeat_interval=args.heartbeat))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The ASGI side of a session's stream: response head, body chunks, disconnects, abort."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+from .handler import SessionHandler
+
+ABORT_EXTENSION: Final = "mcp_sse_transport.abort"
+"""Scope extension under which a server offers ``{"abort": callable}`` to drop a connection at
+once (unflushed bytes discarded); :mod:`mcp_sse_transport.serving` installs it for uvicorn."""
+
+SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def _aborter(scope: Scope) -> Callable[[], object] | None:
+    extension = scope.get("extensions", {}).get(ABORT_EXTENSION)
+    return extension.get("abort") if isinstance(extension, dict) else None
+
+
+async def _watch_disconnect(receive: Receive, handler: SessionHandler) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    handler.connection_lost()
+
+
+async def stream_session(handler: SessionHandler, scope: Scope, receive: Receive, send: Send, preface: bytes) -> None:
+    """Serve ``handler``'s events as this request's response until the session ends.
+
+    A graceful end closes the body with its terminating chunk; a broken one drops the connection
+    (aborting it where the server offers that) so a stuck client cannot hold it open.
+    """
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    if scope["method"] == "HEAD":
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await handler.close()
+        return
+
+    async def sink(chunk: bytes) -> None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_disconnect, receive, handler)
+        await handler.run(sink, preface=preface)
+        tg.cancel_scope.cancel()
+    if handler.failed and (abort := _aborter(scope)) is not None:
+        abort()
+    with anyio.move_on_after(handler.config.write_timeout):
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,66 @@
+"""Every knob of the transport, in one frozen object with production-safe defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["SlowConsumerPolicy", "SseConfig"]
+
+SlowConsumerPolicy = Literal["block", "disconnect"]
+
+
+@dataclass(frozen=True, slots=True)
+class SseConfig:
+    """Limits and timings of a session's event stream. The README's config table explains each."""
+
+    max_buffered_events: int = 1000
+    """Events a session may hold unsent. Mercure buffers 1,000 updates per subscriber."""
+
+    max_buffered_bytes: int = 4 * 1024 * 1024
+    """Payload bytes a session may hold unsent (4 MiB, the SDK's request body limit). One event
+    larger than this is still granted when the buffer is empty, so no message is unsendable."""
+
+    grant_timeout: float = 10.0
+    """Seconds a producer may wait for room before the session is ended as a slow consumer.
+    Mercure gives a subscriber 5 s per update; a response may queue behind others, so twice that."""
+
+    slow_consumer_policy: SlowConsumerPolicy = "block"
+    """``"block"``: producers wait up to ``grant_timeout`` for room, then the session ends.
+    ``"disconnect"``: the session ends as soon as a producer finds the buffer full."""
+
+    write_timeout: float = 10.0
+    """Seconds one write to the connection may stall before the connection is declared dead.
+    Mercure's per-update dispatch timeout is 5 s; nginx's ``send_timeout`` is 60 s."""
+
+    heartbeat_interval: float = 15.0
+    """Seconds of silence after which a ``: ping`` comment is written. The MCP spec advises
+    keep-alives and the TypeScript and Go SDKs and sse-starlette use 15 s; proxies commonly cut
+    idle streams at 30 to 60 s."""
+
+    drain_timeout: float = 5.0
+    """Seconds ``close``, ``send_error`` and server shutdown give buffered events to drain."""
+
+    retry_interval: float = 3.0
+    """Seconds a client should wait before reconnecting, sent as ``retry:`` with the shutdown
+    event. Browsers' EventSource default is about 3 s."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_buffered_events", "max_buffered_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("grant_timeout", "write_timeout", "heartbeat_interval", "drain_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.retry_interval, int | float) or not 0 <= self.retry_interval < math.inf:
+            raise ValueError(f"retry_interval must be a non-negative number of seconds, got {self.retry_interval!r}")
+        if self.slow_consumer_policy not in ("block", "disconnect"):
+            raise ValueError(f"slow_consumer_policy must be 'block' or 'disconnect', got {self.slow_consumer_policy!r}")
+
+    @property
+    def retry_ms(self) -> int:
+        """``retry_interval`` as the SSE ``retry:`` field wants it."""
+        return round(self.retry_interval * 1000)

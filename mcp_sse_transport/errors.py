@@ -1,0 +1,55 @@
+"""Exception types and the error codes the transport puts on the wire."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import anyio
+
+__all__ = [
+    "ConnectionLostError",
+    "ErrorCode",
+    "GrantError",
+    "SessionClosedError",
+    "SlowConsumerError",
+]
+
+
+class ErrorCode(IntEnum):
+    """Codes of ``event: error`` bodies and of the JSON-RPC errors the transport writes.
+
+    The two standard JSON-RPC codes keep their meaning; the transport's own codes sit in the
+    implementation-defined server range (-32000 to -32099), clear of the codes the MCP SDKs use
+    (-32000 connection closed, -32001 request timeout, -32002 resource not found, -32020s, -32042).
+    """
+
+    PARSE_ERROR = -32700
+    """A POSTed body is not valid JSON-RPC; the POST itself also gets 400."""
+    INVALID_REQUEST = -32600
+    """A POSTed body is JSON with an ``id`` but not a valid message: that id gets this error."""
+    INTERNAL_ERROR = -32603
+    """An outbound message could not be serialized; a response it replaced gets this code too."""
+    SLOW_CONSUMER = -32050
+    """The client did not read fast enough: the buffer stayed full past the grant timeout."""
+    SERVER_SHUTDOWN = -32051
+    """The server is shutting down; reconnect after the event's ``retry:`` delay."""
+
+
+class SlowConsumerError(anyio.BrokenResourceError):
+    """The session was cut loose because its client did not keep up.
+
+    A subclass of :class:`anyio.BrokenResourceError`, which is what the SDK's dispatcher expects
+    from a write stream whose peer is gone.
+    """
+
+
+class ConnectionLostError(anyio.BrokenResourceError):
+    """The client disconnected, or a write to it stalled past the write timeout."""
+
+
+class SessionClosedError(anyio.ClosedResourceError):
+    """The session was closed on this side (``close``, ``send_error`` or server shutdown)."""
+
+
+class GrantError(RuntimeError):
+    """An event was sent without a valid grant: none, a spent one, another session's, or too small."""

@@ -1,0 +1,201 @@
+"""One line to serve an MCP server over this transport: ``sse_app``, ``uvicorn_server``, ``run``."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import anyio
+import uvicorn
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
+from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+from mcp.server.lowlevel.server import Server
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornH11Protocol
+
+from ._asgi import ABORT_EXTENSION
+from .config import SseConfig
+from .transport import RequestRejected, SseServerTransport
+
+__all__ = ["H11Protocol", "run", "sse_app", "uvicorn_server"]
+
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class _SseEndpoint:
+    """The GET endpoint as a raw ASGI app: it answers once, unlike a ``return Response()`` after
+    ``connect_sse``, which sends a second response on shutdown and on HEAD."""
+
+    def __init__(self, transport: SseServerTransport, server: Server[Any]) -> None:
+        self._transport = transport
+        self._server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with self._transport.connect_sse(scope, receive, send) as (read_stream, write_stream):
+                await self._server.run(read_stream, write_stream, self._server.create_initialization_options())
+        except RequestRejected:
+            pass  # connect_sse already answered it (421, 403 or 503)
+
+
+def sse_app(
+    server: MCPServer[Any] | Server[Any],
+    *,
+    sse_path: str = "/sse",
+    message_path: str = "/messages/",
+    config: SseConfig | None = None,
+    transport_security: TransportSecuritySettings | None = None,
+    max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE,
+    host: str = "127.0.0.1",
+    debug: bool = False,
+) -> Starlette:
+    """A Starlette app serving ``server`` (an ``MCPServer`` or a lowlevel ``Server``) over SSE.
+
+    As ``MCPServer.sse_app()``: DNS-rebinding protection is on for local hosts unless
+    ``transport_security`` says otherwise, and an ``MCPServer``'s auth settings, routes and
+    custom routes are wired the same way. The transport is at ``app.state.sse_transport``; the
+    app's lifespan shutdown drains and ends every stream.
+    """
+    if transport_security is None and host in _LOCAL_HOSTS:
+        transport_security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+            allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+        )
+    transport = SseServerTransport(
+        message_path, security_settings=transport_security, max_request_body_size=max_request_body_size, config=config
+    )
+    lowlevel = server._lowlevel_server if isinstance(server, MCPServer) else server
+    sse_endpoint: ASGIApp = _SseEndpoint(transport, lowlevel)
+    post_endpoint: ASGIApp = transport.handle_post_message
+    routes: list[BaseRoute] = []
+    middleware: list[Middleware] = []
+
+    if isinstance(server, MCPServer):
+        auth = server.settings.auth
+        verifier = server._token_verifier
+        if auth is not None and server._auth_server_provider is not None:
+            from mcp.server.auth.routes import create_auth_routes
+
+            routes += create_auth_routes(
+                provider=server._auth_server_provider,
+                issuer_url=auth.issuer_url,
+                service_documentation_url=auth.service_documentation_url,
+                client_registration_options=auth.client_registration_options,
+                revocation_options=auth.revocation_options,
+                identity_assertion_enabled=auth.identity_assertion_enabled,
+            )
+        if verifier is not None:
+            resource_url = auth.resource_server_url if auth is not None else None
+            middleware = [
+                Middleware(
+                    AuthenticationMiddleware,
+                    backend=BearerAuthBackend(
+                        verifier,
+                        resource_server_url=resource_url if auth is not None and auth.validate_token_resource else None,
+                    ),
+                ),
+                Middleware(AuthContextMiddleware),
+            ]
+            metadata_url = None
+            if resource_url is not None:
+                from mcp.server.auth.routes import build_resource_metadata_url
+
+                metadata_url = build_resource_metadata_url(resource_url)
+            scopes = (auth.required_scopes if auth is not None else None) or []
+            sse_endpoint = RequireAuthMiddleware(sse_endpoint, scopes, metadata_url)
+            post_endpoint = RequireAuthMiddleware(post_endpoint, scopes, metadata_url)
+        if auth is not None and auth.resource_server_url is not None:
+            from mcp.server.auth.routes import create_protected_resource_routes
+
+            routes += create_protected_resource_routes(
+                resource_url=auth.resource_server_url,
+                authorization_servers=[auth.issuer_url],
+                scopes_supported=auth.required_scopes,
+            )
+
+    routes[:0] = [Route(sse_path, endpoint=sse_endpoint, methods=["GET"]), Mount(message_path, app=post_endpoint)]
+    if isinstance(server, MCPServer):
+        routes += server._custom_starlette_routes
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await transport.shutdown()
+
+    app = Starlette(debug=debug, routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.sse_transport = transport
+    return app
+
+
+class H11Protocol(_UvicornH11Protocol):
+    """uvicorn's h11 protocol, offering the transport a way to drop a stuck connection at once.
+
+    Without it a session cut loose still frees its tasks and buffers, but uvicorn keeps the
+    socket until the client reads what is queued. ``uvicorn --http
+    mcp_sse_transport.serving:H11Protocol`` installs it; ``uvicorn_server`` and ``run`` do so.
+    """
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None:
+            scope = cast(dict[str, Any], self.cycle.scope)
+            scope.setdefault("extensions", {})[ABORT_EXTENSION] = {"abort": self.transport.abort}
+
+
+class _Server(uvicorn.Server):
+    """Drains every SSE stream as uvicorn starts shutting down, instead of after it waited for
+    them (uvicorn runs the lifespan shutdown only once all connections have ended)."""
+
+    def __init__(self, config: uvicorn.Config, transport: SseServerTransport | None) -> None:
+        super().__init__(config)
+        self._transport = transport
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        async with anyio.create_task_group() as tg:
+            if self._transport is not None:
+                tg.start_soon(self._transport.shutdown)
+            await super().shutdown(sockets)
+
+
+def uvicorn_server(
+    target: MCPServer[Any] | Server[Any] | Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: SseConfig | None = None,
+    log_level: str = "info",
+    **uvicorn_options: Any,
+) -> uvicorn.Server:
+    """A ``uvicorn.Server`` for ``target`` (a server, or an app from :func:`sse_app`) whose
+    shutdown drains every stream and ends it with the shutdown event. ``await
+    server.serve(sockets=...)`` to run it; set ``server.should_exit = True`` to stop it."""
+    app = target if isinstance(target, Starlette) else sse_app(target, config=config, host=host)
+    transport = getattr(app.state, "sse_transport", None)
+    uvicorn_options.setdefault("http", H11Protocol)
+    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
+    return _Server(uvicorn_config, transport)
+
+
+def run(
+    target: MCPServer[Any] | Server[Any] | Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: SseConfig | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    **uvicorn_options: Any,
+) -> None:
+    """Serve ``target`` over SSE with uvicorn until SIGINT or SIGTERM, then shut down gracefully."""
+    server = uvicorn_server(target, host=host, port=port, config=config, **uvicorn_options)
+    anyio.run(lambda: server.serve(sockets=list(sockets) if sockets is not None else None))

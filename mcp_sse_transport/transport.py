@@ -1,0 +1,301 @@
+"""The drop-in for ``mcp.server.sse.SseServerTransport``, with a flow-controlled session handler."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from urllib.parse import quote
+from uuid import UUID, uuid4
+
+import anyio
+import mcp_types as types
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, AuthorizationContext, authorization_context
+from mcp.server.transport_security import (
+    DEFAULT_MAX_REQUEST_BODY_SIZE,
+    RequestBodyLimitMiddleware,
+    TransportSecurityMiddleware,
+    TransportSecuritySettings,
+)
+from mcp.shared._context_streams import ContextReceiveStream, ContextSendStream, create_context_streams
+from mcp.shared.message import ServerMessageMetadata, SessionMessage
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ._asgi import stream_session
+from .config import SseConfig
+from .errors import ErrorCode
+from .events import encode_event, error_body
+from .handler import SessionHandler, session_tag
+from .registry import RegistryStatistics, SessionRegistry
+
+__all__ = ["RequestRejected", "SseServerTransport"]
+
+logger = logging.getLogger("mcp_sse_transport")
+
+_Inbound = ContextSendStream[SessionMessage | Exception]
+_CLOSED = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
+
+
+class RequestRejected(ValueError):
+    """``connect_sse`` refused the request and already answered it (a ValueError, as in stock)."""
+
+
+@dataclass(slots=True)
+class _Session:
+    handler: SessionHandler
+    inbound: _Inbound
+    owner: AuthorizationContext | None
+
+
+def _owner(scope: Scope) -> AuthorizationContext | None:
+    user = scope.get("user")
+    return authorization_context(user) if isinstance(user, AuthenticatedUser) else None
+
+
+class _ServerWriteStream:
+    """The write stream the SDK server writes to: each message becomes one granted event."""
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+
+    async def send(self, item: SessionMessage, /) -> None:
+        try:
+            data = item.message.model_dump_json(by_alias=True, exclude_unset=True)
+        except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
+            await _report_unserializable(self._session, item.message, exc)
+            return
+        await self._session.handler.send(data)
+
+    async def aclose(self) -> None:
+        await self._session.handler.close()
+
+    async def __aenter__(self) -> _ServerWriteStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def _jsonrpc_error(
+    request_id: types.RequestId, message: str, code: int = ErrorCode.INTERNAL_ERROR
+) -> types.JSONRPCError:
+    return types.JSONRPCError(jsonrpc="2.0", id=request_id, error=types.ErrorData(code=code, message=message))
+
+
+def _dump(message: types.JSONRPCMessage) -> str:
+    return message.model_dump_json(by_alias=True, exclude_unset=True)
+
+
+async def _report_unserializable(session: _Session, message: types.JSONRPCMessage, exc: Exception) -> None:
+    """Tell the client which message was lost, and answer whoever waits for it, on either side."""
+    handler = session.handler
+    request_id = getattr(message, "id", None)
+    method = getattr(message, "method", None)
+    logger.error(
+        "session %s: outbound %s could not be serialized (%s); the session goes on",
+        handler.tag,
+        type(message).__name__,
+        type(exc).__name__,
+        exc_info=exc,
+    )
+    details = {key: value for key, value in (("id", request_id), ("method", method)) if value is not None}
+    try:
+        await handler.send(
+            error_body(ErrorCode.INTERNAL_ERROR, "Outbound message could not be serialized", details or None),
+            event="error",
+        )
+        if isinstance(message, types.JSONRPCResponse):
+            await handler.send(_dump(_jsonrpc_error(message.id, "Response could not be serialized")))
+        elif isinstance(message, types.JSONRPCError):
+            replacement = types.ErrorData(code=message.error.code, message=message.error.message)
+            await handler.send(_dump(types.JSONRPCError(jsonrpc="2.0", id=message.id, error=replacement)))
+        elif isinstance(message, types.JSONRPCRequest):
+            # The server awaits the client's answer to a request the client never got: answer it.
+            await session.inbound.send(SessionMessage(_jsonrpc_error(message.id, "Request could not be serialized")))
+    except _CLOSED:
+        logger.debug("session %s: ended before the serialization error could be reported", handler.tag)
+
+
+def _id_of(body: bytes) -> types.RequestId | None:
+    """The JSON-RPC id of a POSTed body that is JSON but not a valid message, if it names one."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict) or "method" not in parsed:
+        return None
+    request_id = parsed.get("id")
+    return request_id if isinstance(request_id, str | int) and not isinstance(request_id, bool) else None
+
+
+class SseServerTransport:
+    """SSE server transport for MCP, a drop-in for ``mcp.server.sse.SseServerTransport``.
+
+    ``connect_sse`` serves the GET stream and yields the SDK server's streams;
+    ``handle_post_message`` is the ASGI app for the POST endpoint. Same constructor, statuses,
+    texts and wire format as the stock class; underneath, each session's events go through a
+    :class:`~mcp_sse_transport.handler.SessionHandler` configured by ``config``.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        security_settings: TransportSecuritySettings | None = None,
+        max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE,
+        *,
+        config: SseConfig | None = None,
+    ) -> None:
+        """``endpoint`` is the relative path clients POST to, e.g. ``"/messages/"``.
+
+        Raises ValueError for a full URL (``://``, a leading ``//``, ``?`` or ``#``) and for a
+        non-positive ``max_request_body_size``, as the stock class does.
+        """
+        if max_request_body_size <= 0:
+            raise ValueError("max_request_body_size must be a positive number of bytes")
+        if "://" in endpoint or endpoint.startswith("//") or "?" in endpoint or "#" in endpoint:
+            raise ValueError(
+                f"Given endpoint: {endpoint} is not a relative path (e.g., '/messages/'), "
+                "expecting a relative path (e.g., '/messages/')."
+            )
+        if not endpoint.startswith("/"):
+            endpoint = "/" + endpoint
+        self._endpoint = endpoint
+        self._config = config or SseConfig()
+        self._security = TransportSecurityMiddleware(security_settings)
+        self._post_message_app = RequestBodyLimitMiddleware(self._handle_post_message, max_request_body_size)
+        self._registry: SessionRegistry[_Session] = SessionRegistry()
+
+    @property
+    def config(self) -> SseConfig:
+        return self._config
+
+    @property
+    def _read_stream_writers(self) -> dict[UUID, _Inbound]:
+        """The stock class's session map, for code that inspects it: open sessions by UUID."""
+        return {UUID(hex=session_id): session.inbound for session_id, session in self._registry.items()}
+
+    def statistics(self) -> RegistryStatistics:
+        """A snapshot of every open session's stream."""
+        return self._registry.statistics()
+
+    async def shutdown(self) -> None:
+        """Refuse new sessions, then drain every open stream within ``drain_timeout`` and end it
+        with an ``event: error`` (code ``SERVER_SHUTDOWN``) carrying a ``retry:`` hint."""
+        logger.info("shutting down %d SSE session(s)", len(self._registry))
+        await self._registry.shutdown()
+
+    @asynccontextmanager
+    async def connect_sse(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> AsyncIterator[tuple[ContextReceiveStream[SessionMessage | Exception], _ServerWriteStream]]:
+        """Open a session on this GET and yield ``(read_stream, write_stream)`` for ``Server.run``.
+
+        Raises ValueError, after answering the request itself, when it fails the Host/Origin
+        checks (421/403) or arrives during shutdown (503).
+        """
+        if scope["type"] != "http":
+            raise ValueError("connect_sse can only handle HTTP requests")
+        error_response = await self._security.validate_request(Request(scope, receive), is_post=False)
+        if error_response is None and self._registry.shutting_down:
+            retry_after = str(max(1, round(self._config.retry_interval)))
+            error_response = Response("Server shutting down", status_code=503, headers={"Retry-After": retry_after})
+        if error_response is not None:
+            await error_response(scope, receive, send)
+            raise RequestRejected("Request validation failed")
+
+        session_id = uuid4().hex
+        inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
+        session = _Session(SessionHandler(session_id, self._config), inbound, _owner(scope))
+        self._registry.add(session_id, session)
+        logger.debug("session %s opened", session.handler.tag)
+        endpoint = f"{quote(scope.get('root_path', '').rstrip('/') + self._endpoint)}?session_id={session_id}"
+
+        async def serve_stream() -> None:
+            try:
+                await stream_session(session.handler, scope, receive, send, encode_event(endpoint, event="endpoint"))
+            finally:
+                self._registry.discard(session_id)
+                inbound.close()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_stream)
+                try:
+                    yield read_stream, _ServerWriteStream(session)
+                finally:
+                    await session.handler.close()
+        finally:
+            self._registry.discard(session_id)
+            inbound.close()
+            read_stream.close()
+
+    async def handle_post_message(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI app for the message endpoint: 405 to anything but POST, 413 over the body limit."""
+        if scope["method"] != "POST":
+            return await Response(status_code=405, headers={"Allow": "POST"})(scope, receive, send)
+        await self._post_message_app(scope, receive, send)
+
+    async def _handle_post_message(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        error_response = await self._security.validate_request(request, is_post=True)
+        if error_response is not None:
+            return await error_response(scope, receive, send)
+
+        session_param = request.query_params.get("session_id")
+        if session_param is None:
+            return await Response("session_id is required", status_code=400)(scope, receive, send)
+        try:
+            session_id = UUID(hex=session_param).hex
+        except ValueError:
+            return await Response("Invalid session ID", status_code=400)(scope, receive, send)
+
+        session = self._registry.get(session_id)
+        if session is None or _owner(scope) != session.owner:
+            # Another credential's session looks exactly like no session at all.
+            logger.info("POST for unknown session %s", session_tag(session_id))
+            return await Response("Could not find session", status_code=404)(scope, receive, send)
+
+        body = await request.body()
+        try:
+            message = types.jsonrpc_message_adapter.validate_json(body, by_name=False)
+        except ValidationError as err:
+            logger.warning("session %s: could not parse a POSTed message", session.handler.tag)
+            await Response("Could not parse message", status_code=400)(scope, receive, send)
+            await self._report_parse_error(session, body, err)
+            return
+
+        try:
+            # Hand the message over before answering 202: an accepted message is never lost.
+            await session.inbound.send(SessionMessage(message, metadata=ServerMessageMetadata(request_context=request)))
+        except _CLOSED:
+            return await Response("Could not find session", status_code=404)(scope, receive, send)
+        await Response("Accepted", status_code=202)(scope, receive, send)
+
+    async def _report_parse_error(self, session: _Session, body: bytes, err: ValidationError) -> None:
+        """Put a parse failure on the stream as well as on the 400: stock clients drop a POST's
+        status, and a caller whose request was malformed would otherwise wait forever."""
+        request_id = _id_of(body)
+        try:
+            await session.inbound.send(err)  # as stock does; the server logs and drops it
+            await session.handler.send(
+                error_body(
+                    ErrorCode.PARSE_ERROR,
+                    "Could not parse message",
+                    {"id": request_id} if request_id is not None else None,
+                ),
+                event="error",
+            )
+            if request_id is not None:
+                await session.handler.send(
+                    _dump(_jsonrpc_error(request_id, "Invalid request", ErrorCode.INVALID_REQUEST))
+                )
+        except _CLOSED:
+            logger.debug("session %s: ended before the parse error could be reported", session.handler.tag)
