@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -153,6 +155,23 @@ class H11Protocol(_UvicornH11Protocol):
             scope.setdefault("extensions", {})[ABORT_EXTENSION] = {"abort": self.transport.abort}
 
 
+class _RedactSessionIds(logging.Filter):
+    """Cut session ids in uvicorn's access log to their first 8 characters: an id is a bearer
+    capability, and the POST endpoint carries it in the query string."""
+
+    _SESSION_ID = re.compile(r"(session_id=[0-9a-fA-F]{8})[0-9a-fA-F-]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._SESSION_ID.sub(r"\1…", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+_redact_session_ids = _RedactSessionIds()
+
+
 class _Server(uvicorn.Server):
     """Drains every SSE stream as uvicorn starts shutting down, instead of after it waited for
     them (uvicorn runs the lifespan shutdown only once all connections have ended)."""
@@ -184,6 +203,9 @@ def uvicorn_server(
     transport = getattr(app.state, "sse_transport", None)
     uvicorn_options.setdefault("http", H11Protocol)
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
+    access_log = logging.getLogger("uvicorn.access")
+    if _redact_session_ids not in access_log.filters:
+        access_log.addFilter(_redact_session_ids)
     return _Server(uvicorn_config, transport)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import quote
 from uuid import UUID, uuid4
 
 import anyio
+import anyio.abc
 import mcp_types as types
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, AuthorizationContext, authorization_context
 from mcp.server.transport_security import (
@@ -61,14 +62,15 @@ def _owner(scope: Scope) -> AuthorizationContext | None:
 class _ServerWriteStream:
     """The write stream the SDK server writes to: each message becomes one granted event."""
 
-    def __init__(self, session: _Session) -> None:
+    def __init__(self, session: _Session, task_group: anyio.abc.TaskGroup) -> None:
         self._session = session
+        self._task_group = task_group
 
     async def send(self, item: SessionMessage, /) -> None:
         try:
             data = item.message.model_dump_json(by_alias=True, exclude_unset=True)
         except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
-            await _report_unserializable(self._session, item.message, exc)
+            await _report_unserializable(self._session, self._task_group, item.message, exc)
             return
         await self._session.handler.send(data)
 
@@ -94,7 +96,16 @@ def _dump(message: types.JSONRPCMessage) -> str:
     return message.model_dump_json(by_alias=True, exclude_unset=True)
 
 
-async def _report_unserializable(session: _Session, message: types.JSONRPCMessage, exc: Exception) -> None:
+async def _answer_locally(session: _Session, answer: types.JSONRPCError) -> None:
+    """Hand the server an answer to its own request, from a task of its own: the server may be
+    reading in the very task that wrote the request. Dropped if it stops reading."""
+    with anyio.move_on_after(session.handler.config.grant_timeout), suppress(*_CLOSED):
+        await session.inbound.send(SessionMessage(answer))
+
+
+async def _report_unserializable(
+    session: _Session, task_group: anyio.abc.TaskGroup, message: types.JSONRPCMessage, exc: Exception
+) -> None:
     """Tell the client which message was lost, and answer whoever waits for it, on either side."""
     handler = session.handler
     request_id = getattr(message, "id", None)
@@ -119,7 +130,9 @@ async def _report_unserializable(session: _Session, message: types.JSONRPCMessag
             await handler.send(_dump(types.JSONRPCError(jsonrpc="2.0", id=message.id, error=replacement)))
         elif isinstance(message, types.JSONRPCRequest):
             # The server awaits the client's answer to a request the client never got: answer it.
-            await session.inbound.send(SessionMessage(_jsonrpc_error(message.id, "Request could not be serialized")))
+            task_group.start_soon(
+                _answer_locally, session, _jsonrpc_error(message.id, "Request could not be serialized")
+            )
     except _CLOSED:
         logger.debug("session %s: ended before the serialization error could be reported", handler.tag)
 
@@ -229,7 +242,7 @@ class SseServerTransport:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(serve_stream)
                 try:
-                    yield read_stream, _ServerWriteStream(session)
+                    yield read_stream, _ServerWriteStream(session, tg)
                 finally:
                     await session.handler.close()
         finally:

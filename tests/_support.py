@@ -1,0 +1,180 @@
+"""Real servers and raw HTTP for the integration tests: uvicorn on 127.0.0.1, a free port."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+from starlette.types import ASGIApp
+
+from mcp_sse_transport import uvicorn_server
+
+
+def free_socket() -> socket.socket:
+    """A listening socket on 127.0.0.1 with a port the kernel chose: connections queue in its
+    backlog until uvicorn accepts them, so no test has to wait for the server to be ready."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
+@asynccontextmanager
+async def serving(app: ASGIApp) -> AsyncIterator[str]:
+    """Run ``app`` on a real uvicorn (the library's own server setup); yields its base URL."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn_server(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: server.serve(sockets=[sock]))
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+    sock.close()
+
+
+@dataclass
+class SseEvent:
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+    retry: int | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+@dataclass
+class RawSseStream:
+    """A GET on a raw socket: HTTP/1.1 chunked framing and SSE blocks, read by hand, so a test
+    sees exactly what went on the wire (comments, terminating chunk, a dropped connection)."""
+
+    stream: anyio.abc.SocketStream
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    ended: bool = False
+    """The terminating zero-length chunk arrived."""
+    closed: bool = False
+    """The server closed or reset the connection."""
+    _raw: bytes = b""
+    _consumed: int = 0
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, base_url: str, path: str = "/sse", headers: dict[str, str] | None = None, rcvbuf: int | None = None
+    ) -> AsyncIterator[RawSseStream]:
+        host, port = base_url.removeprefix("http://").split(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # before connect, so the TCP window stays small too
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect((host, int(port)))  # loopback, into the listening backlog: immediate
+        stream = await anyio.abc.SocketStream.from_socket(sock)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        await stream.send(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n{extra}\r\n".encode()
+        )
+        raw = cls(stream)
+        try:
+            await raw._read_head()
+            yield raw
+        finally:
+            await stream.aclose()
+
+    async def _fill(self) -> bool:
+        try:
+            data = await self.stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError, OSError):
+            self.closed = True
+            return False
+        self._raw += data
+        return True
+
+    async def _read_head(self) -> None:
+        while b"\r\n\r\n" not in self._raw:
+            if not await self._fill():
+                raise ConnectionError("connection closed before the response head")
+        head, self._raw = self._raw.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode().split("\r\n")
+        self.status = int(status_line.split()[1])
+        self.headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+    async def _read_chunk(self) -> bool:
+        """Decode one chunk into ``body``; False when the body ended or the connection dropped."""
+        if self.ended:
+            return False
+        while b"\r\n" not in self._raw:
+            if not await self._fill():
+                return False
+        size_line, rest = self._raw.split(b"\r\n", 1)
+        size = int(size_line.split(b";")[0], 16)
+        while len(rest) < size + 2:
+            if not await self._fill():
+                return False
+            rest = self._raw.split(b"\r\n", 1)[1]
+        self.body += rest[:size]
+        self._raw = rest[size + 2 :]
+        if size == 0:
+            self.ended = True
+            return False
+        return True
+
+    async def next_block(self) -> bytes | None:
+        """The next SSE block (an event or a comment), or None at the end of the stream."""
+        while b"\r\n\r\n" not in self.body[self._consumed :]:
+            if not await self._read_chunk():
+                return None
+        end = self.body.index(b"\r\n\r\n", self._consumed)
+        block = self.body[self._consumed : end]
+        self._consumed = end + 4
+        return block
+
+    async def next_event(self) -> SseEvent | None:
+        """The next event, skipping comments; None at the end of the stream."""
+        while (block := await self.next_block()) is not None:
+            event = parse_block(block)
+            if event is not None:
+                return event
+        return None
+
+    async def drain(self) -> None:
+        """Read until the stream ends or the connection drops."""
+        while await self._read_chunk():
+            pass
+
+
+_FIELD = re.compile(r"^([^:]*)(?:: ?(.*))?$")
+
+
+def parse_block(block: bytes) -> SseEvent | None:
+    """One SSE block to an event; None for a comment-only block."""
+    event = SseEvent()
+    data: list[str] = []
+    for line in re.split(r"\r\n|\r|\n", block.decode()):
+        if line.startswith(":"):
+            continue
+        match = _FIELD.match(line)
+        assert match is not None
+        name, value = match.group(1), match.group(2) or ""
+        if name == "event":
+            event.event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event.id = value
+        elif name == "retry":
+            event.retry = int(value)
+    if not data and event.id is None:
+        return None
+    event.data = "\n".join(data)
+    return event
