@@ -8,7 +8,7 @@ from typing import Final
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from .handler import SessionHandler
+from .handler import Attachment, SessionHandler
 
 ABORT_EXTENSION: Final = "mcp_sse_transport.abort"
 """Scope extension under which a server offers ``{"abort": callable}`` to drop a connection at
@@ -27,32 +27,43 @@ def _aborter(scope: Scope) -> Callable[[], object] | None:
     return extension.get("abort") if isinstance(extension, dict) else None
 
 
-async def _watch_disconnect(receive: Receive, handler: SessionHandler) -> None:
+async def _watch_disconnect(receive: Receive, attachment: Attachment) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    handler.connection_lost()
+    attachment.lost()
 
 
-async def stream_session(handler: SessionHandler, scope: Scope, receive: Receive, send: Send, preface: bytes) -> None:
-    """Serve ``handler``'s events as this request's response until the session ends.
+async def stream_session(
+    handler: SessionHandler,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    preface: bytes,
+    *,
+    after: str | None = None,
+    attachment: Attachment | None = None,
+) -> None:
+    """Serve ``handler``'s events as this request's response until the connection drops or the
+    session ends. A new session comes with its ``attachment``; a resume (``after`` a token)
+    attaches here, superseding any connection still attached.
 
-    A graceful end closes the body with its terminating chunk; a broken one drops the connection
-    (aborting it where the server offers that) so a stuck client cannot hold it open.
+    A graceful end closes the body with its terminating chunk; otherwise the connection is dropped
+    (aborted where the server offers that) so a stuck client cannot hold it open.
     """
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-    if scope["method"] == "HEAD":
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        await handler.close()
-        return
 
     async def sink(chunk: bytes) -> None:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
+    if attachment is None:
+        while handler.attached:  # the last resume wins
+            await handler.supersede()
+        attachment = handler.attach()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_disconnect, receive, handler)
-        await handler.run(sink, preface=preface)
+        tg.start_soon(_watch_disconnect, receive, attachment)
+        graceful = await handler.run(sink, preface=preface, after=after, attachment=attachment)
         tg.cancel_scope.cancel()
-    if handler.failed and (abort := _aborter(scope)) is not None:
+    if not graceful and (abort := _aborter(scope)) is not None:
         abort()
     with anyio.move_on_after(handler.config.write_timeout):
         await send({"type": "http.response.body", "body": b"", "more_body": False})

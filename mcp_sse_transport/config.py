@@ -43,20 +43,36 @@ class SseConfig:
     """Seconds ``close``, ``send_error`` and server shutdown give buffered events to drain."""
 
     retry_interval: float = 3.0
-    """Seconds a client should wait before reconnecting, sent as ``retry:`` with the shutdown
-    event. Browsers' EventSource default is about 3 s."""
+    """Seconds a client should wait before reconnecting, sent as ``retry:`` with the stream's
+    first event and with the shutdown event. Browsers' EventSource default is about 3 s."""
+
+    session_grace: float = 30.0
+    """Seconds a session outlives its connection, waiting for a resume. Events produced meanwhile
+    stay within the buffer limits. ``0`` ends a session with its connection, as stock does."""
+
+    replay_max_events: int = 2000
+    """Events the in-memory replay log keeps per session: the buffer's worth, and as much again
+    for events that were written but never reached a client whose connection dropped."""
+
+    replay_max_bytes: int = 8 * 1024 * 1024
+    """Payload bytes the in-memory replay log keeps per session: twice the buffer's limit."""
+
+    replay_max_age: float = 300.0
+    """Seconds the in-memory replay log keeps an event: ten times the grace period."""
 
     def __post_init__(self) -> None:
-        for name in ("max_buffered_events", "max_buffered_bytes"):
+        for name in ("max_buffered_events", "max_buffered_bytes", "replay_max_events", "replay_max_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("grant_timeout", "write_timeout", "heartbeat_interval", "drain_timeout"):
+        for name in ("grant_timeout", "write_timeout", "heartbeat_interval", "drain_timeout", "replay_max_age"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if not isinstance(self.retry_interval, int | float) or not 0 <= self.retry_interval < math.inf:
-            raise ValueError(f"retry_interval must be a non-negative number of seconds, got {self.retry_interval!r}")
+        for name in ("retry_interval", "session_grace"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
         if self.slow_consumer_policy not in ("block", "disconnect"):
             raise ValueError(f"slow_consumer_policy must be 'block' or 'disconnect', got {self.slow_consumer_policy!r}")
 

@@ -11,6 +11,7 @@ __all__ = [
     "ErrorCode",
     "GrantError",
     "SessionClosedError",
+    "SessionExpiredError",
     "SlowConsumerError",
 ]
 
@@ -33,6 +34,13 @@ class ErrorCode(IntEnum):
     """The client did not read fast enough: the buffer stayed full past the grant timeout."""
     SERVER_SHUTDOWN = -32051
     """The server is shutting down; reconnect after the event's ``retry:`` delay."""
+    RESUME_UNKNOWN = -32052
+    """``Last-Event-ID`` names no session this server can resume (unknown, expired, malformed, or
+    another credential's): a new session starts on the same stream."""
+    RESUME_GAP = -32053
+    """Events after ``Last-Event-ID`` were trimmed from the replay log: what is retained follows."""
+    SUPERSEDED = -32054
+    """Another connection resumed this session; this stream ends."""
 
 
 class SlowConsumerError(anyio.BrokenResourceError):
@@ -45,6 +53,10 @@ class SlowConsumerError(anyio.BrokenResourceError):
 
 class ConnectionLostError(anyio.BrokenResourceError):
     """The client disconnected, or a write to it stalled past the write timeout."""
+
+
+class SessionExpiredError(anyio.BrokenResourceError):
+    """The session's connection dropped and no resume came within ``session_grace``."""
 
 
 class SessionClosedError(anyio.ClosedResourceError):

@@ -1,8 +1,9 @@
-"""One session's event stream: flow control, the writer, heartbeats, deadlines and shutdown.
+"""One session's event stream: flow control, the writer, heartbeats, deadlines, resumption.
 
 The handler knows nothing of HTTP or of MCP: it writes encoded events to a ``sink`` coroutine
 (for ASGI, one ``http.response.body`` message per call) and hands producers grants from a
-:class:`~mcp_sse_transport.flow.CreditLedger`.
+:class:`~mcp_sse_transport.flow.CreditLedger`. A session outlives its connection for
+``session_grace``: a later :meth:`SessionHandler.run` resumes it from an event id.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from typing import Any
 import anyio
 
 from .config import SseConfig
-from .errors import ConnectionLostError, ErrorCode, SessionClosedError, SlowConsumerError
+from .errors import ConnectionLostError, ErrorCode, SessionClosedError, SessionExpiredError, SlowConsumerError
 from .events import HEARTBEAT, encode_error, encode_event
 from .flow import CreditLedger, Grant
+from .ids import format_event_id
+from .store import EventStore, InMemoryEventStore
 
-__all__ = ["SessionHandler", "SessionState", "SessionStatistics", "Sink", "session_tag"]
+__all__ = ["Attachment", "SessionHandler", "SessionState", "SessionStatistics", "Sink", "session_tag"]
 
 logger = logging.getLogger("mcp_sse_transport")
 
 Sink = Callable[[bytes], Awaitable[None]]
 """Where a handler writes: called with one or more whole events at a time."""
+
+_REPLAY_CHUNK = 64 * 1024
 
 
 def session_tag(session_id: str) -> str:
@@ -36,13 +41,13 @@ def session_tag(session_id: str) -> str:
 
 class SessionState(Enum):
     OPEN = "open"
-    """Granting and writing."""
+    """Granting; writing while a connection is attached, buffering while none is."""
     CLOSING = "closing"
     """No new grants; buffered events drain, then the final event, if any, is written."""
     CLOSED = "closed"
     """Ended gracefully: everything buffered was written."""
     BROKEN = "broken"
-    """Ended by a failure: client gone, write stalled, slow consumer, or drain deadline missed."""
+    """Ended by a failure: slow consumer, no resume within the grace period, drain deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,43 +57,73 @@ class SessionStatistics:
     session: str
     """The first 8 characters of the session id."""
     state: SessionState
+    attached: bool
+    """A connection is writing the session's events."""
     buffered_events: int
-    """Events written by producers and not yet written to the connection."""
+    """Events written by producers and not yet taken by a connection."""
     buffered_bytes: int
     reserved_events: int
     """Grants handed out and not yet spent."""
     producers_waiting: int
     events_sent: int
+    """Events written to connections, replayed ones included."""
     bytes_sent: int
     """Bytes on the wire, SSE framing and heartbeats included."""
     heartbeats_sent: int
+    connections: int
+    """Connections that served this session: 1 plus each resume."""
     last_write: float | None
     """``anyio.current_time()`` of the last completed write, or ``None`` before the first."""
+
+
+class Attachment:
+    """One connection of a session, from :meth:`SessionHandler.attach` until its ``run`` ends."""
+
+    __slots__ = ("_handler", "dead", "final", "superseded", "write_scope")
+
+    def __init__(self, handler: SessionHandler) -> None:
+        self._handler = handler
+        self.dead = False
+        self.superseded = False
+        self.final: bytes | None = None
+        self.write_scope: anyio.CancelScope | None = None
+
+    def lost(self) -> None:
+        """This connection is gone (the client disconnected): stop writing to it at once."""
+        if not self.dead:
+            self.dead = True
+            logger.info("session %s: the client disconnected", self._handler.tag)
+            self._handler._wake_writer(self)
 
 
 class SessionHandler:
     """The event stream of one MCP session, with request/grant flow control.
 
     A producer calls :meth:`request_send` for room, then :meth:`send_event` to spend the grant on
-    exactly one event; :meth:`send` does both. :meth:`run` writes events to the connection until
-    the session ends. Every failure reaches producers as an exception: :class:`SlowConsumerError`
-    or :class:`ConnectionLostError` (both :class:`anyio.BrokenResourceError`) when the client is
-    gone or too slow, :class:`SessionClosedError` (an :class:`anyio.ClosedResourceError`) after
-    :meth:`close`, :meth:`send_error` or :meth:`shutdown`.
+    exactly one event; :meth:`send` does both. :meth:`run` writes events to a connection until it
+    drops or the session ends; another :meth:`run` with the last event id the client saw resumes
+    the session. Every failure reaches producers as an exception: :class:`SlowConsumerError`,
+    :class:`SessionExpiredError` or :class:`ConnectionLostError` (all
+    :class:`anyio.BrokenResourceError`) when the client is gone or too slow,
+    :class:`SessionClosedError` (an :class:`anyio.ClosedResourceError`) after :meth:`close`,
+    :meth:`send_error` or :meth:`shutdown`.
     """
 
-    def __init__(self, session_id: str, config: SseConfig | None = None) -> None:
+    def __init__(self, session_id: str, config: SseConfig | None = None, store: EventStore | None = None) -> None:
         self.session_id = session_id
         self.config = config or SseConfig()
+        self._store = store if store is not None else InMemoryEventStore()
         self._ledger = CreditLedger(self.config.max_buffered_events, self.config.max_buffered_bytes)
         self._queue: deque[tuple[bytes, int]] = deque()
+        self._last_token: str | None = None
         self._final: bytes | None = None
         self._state = SessionState.OPEN
         self._failure: tuple[type[anyio.BrokenResourceError], str] | None = None
         self._ready = anyio.Event()
+        self._changed = anyio.Event()
         self._finished = anyio.Event()
-        self._started = False
-        self._write_scope: anyio.CancelScope | None = None
+        self._connection: Attachment | None = None
+        self._connections = 0
         self._events_sent = 0
         self._bytes_sent = 0
         self._heartbeats_sent = 0
@@ -107,15 +142,27 @@ class SessionHandler:
         return self._state
 
     @property
+    def attached(self) -> bool:
+        return self._connection is not None
+
+    @property
     def failed(self) -> bool:
         """Whether the session ended by a failure rather than by a graceful close."""
         return self._failure is not None
+
+    @property
+    def ended(self) -> bool:
+        return self._state in (SessionState.CLOSED, SessionState.BROKEN)
 
     def _error(self) -> anyio.BrokenResourceError | anyio.ClosedResourceError:
         if self._failure is not None:
             cls, reason = self._failure
             return cls(reason)
         return SessionClosedError(f"session {self.tag} is {self._state.value}")
+
+    def _notify_change(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     # -- producers ---------------------------------------------------------------------------
 
@@ -150,7 +197,8 @@ class SessionHandler:
         return grant
 
     async def send_event(self, grant: Grant, data: bytes | str, *, event: str | None = "message") -> None:
-        """Spend ``grant`` on one event; it is written as soon as the connection takes it.
+        """Spend ``grant`` on one event: it is stored for replay, then written as soon as the
+        connection takes it.
 
         Raises :class:`GrantError` without a grant, with a spent one, another session's, or one
         smaller than ``data``.
@@ -160,9 +208,16 @@ class SessionHandler:
         if self._state is not SessionState.OPEN:
             self._ledger.withdraw(grant)
             raise self._error()
-        encoded = encode_event(data, event=event)
         self._ledger.commit(grant, len(data))
-        self._queue.append((encoded, len(data)))
+        try:
+            token = await self._store.append(self.session_id, event, data)
+        except BaseException:
+            self._ledger.release(1, len(data))
+            raise
+        if self._state is not SessionState.OPEN:  # ended while the store was busy
+            raise self._error()
+        self._last_token = token
+        self._queue.append((encode_event(data, event=event, id=format_event_id(self.session_id, token)), len(data)))
         self._ready.set()
 
     async def send(self, data: bytes | str, *, event: str | None = "message") -> None:
@@ -182,17 +237,44 @@ class SessionHandler:
 
     async def shutdown(self) -> None:
         """Close for a server shutdown: the final event tells the client when to come back."""
-        await self._close(
-            encode_error(
-                ErrorCode.SERVER_SHUTDOWN,
-                "Server shutting down",
-                retry=self.config.retry_ms,
-            )
-        )
+        await self._close(encode_error(ErrorCode.SERVER_SHUTDOWN, "Server shutting down", retry=self.config.retry_ms))
 
     def connection_lost(self) -> None:
-        """The client went away: release producers, memory and the writer at once."""
-        self._fail(ConnectionLostError, "the client disconnected")
+        """The current connection is gone: stop writing; the session waits ``session_grace``."""
+        if self._connection is not None:
+            self._connection.lost()
+
+    async def supersede(self) -> None:
+        """End the current connection's stream with ``SUPERSEDED``, so a new one can attach."""
+        connection = self._connection
+        if connection is None:
+            return
+        connection.superseded = True
+        connection.final = encode_error(ErrorCode.SUPERSEDED, "Another connection resumed this session")
+        self._wake_writer(connection)
+        with anyio.move_on_after(self.config.drain_timeout, shield=True):
+            while self._connection is connection:
+                await self._changed.wait()
+        if self._connection is connection:
+            connection.dead = True
+            self._wake_writer(connection)
+
+    def _wake_writer(self, connection: Attachment) -> None:
+        self._ready.set()
+        if connection.write_scope is not None and (connection.dead or connection.superseded):
+            connection.write_scope.cancel()
+
+    async def linger(self) -> None:
+        """Return once the session has ended: closed, failed, or detached past ``session_grace``."""
+        while not self.ended:
+            changed = self._changed
+            if self._connection is not None:
+                await changed.wait()
+                continue
+            with anyio.move_on_after(self.config.session_grace):
+                await changed.wait()
+            if self._connection is None and not self.ended and not changed.is_set():
+                self._fail(SessionExpiredError, f"no resume within {self.config.session_grace:g} s")
 
     # -- ending ------------------------------------------------------------------------------
 
@@ -202,14 +284,21 @@ class SessionHandler:
             self._final = final
             self._ledger.fail_waiting()
             self._ready.set()
-            if not self._started:
-                self._state = SessionState.CLOSED
-                self._finished.set()
             logger.debug("session %s closing", self.tag)
+            if self._connection is None:
+                self._end(SessionState.CLOSED)
         with anyio.move_on_after(self.config.drain_timeout, shield=True):
             await self._finished.wait()
         if not self._finished.is_set():
             self._fail(ConnectionLostError, f"buffered events did not drain within {self.config.drain_timeout:g} s")
+
+    def _end(self, state: SessionState) -> None:
+        self._state = state
+        self._queue.clear()
+        self._ledger.fail_waiting()
+        self._ledger.release(self._ledger.buffered_events, self._ledger.buffered_bytes)
+        self._finished.set()
+        self._notify_change()
 
     def _evict(self, reason: str) -> None:
         if self._state is not SessionState.OPEN:
@@ -234,75 +323,121 @@ class SessionHandler:
 
     def _fail(self, cls: type[anyio.BrokenResourceError], reason: str, *, final: bytes | None = None) -> None:
         """End the session by a failure: every producer gets ``cls``, the buffer is dropped."""
-        if self._state in (SessionState.BROKEN, SessionState.CLOSED):
+        if self.ended:
             return
-        if cls is ConnectionLostError:
-            logger.info("session %s: %s", self.tag, reason)
-        self._state = SessionState.BROKEN
+        if cls is not SlowConsumerError:
+            logger.info("session %s ended: %s", self.tag, reason)
         self._failure = (cls, reason)
-        self._final = final
-        self._queue.clear()
-        self._ledger.fail_waiting()
-        self._ledger.release(self._ledger.buffered_events, self._ledger.buffered_bytes)
-        self._ready.set()
-        if self._write_scope is not None:
-            self._write_scope.cancel()
-        if not self._started:
-            self._finished.set()
+        connection = self._connection
+        if connection is not None:
+            connection.final = final
+            connection.dead = True
+            self._wake_writer(connection)
+        self._end(SessionState.BROKEN)
 
     # -- the writer --------------------------------------------------------------------------
 
-    async def run(self, sink: Sink, *, preface: bytes = b"") -> None:
-        """Write ``preface``, then events, to ``sink`` until the session ends. Returns normally
-        either way: check :attr:`failed` to tell a graceful end (write the stream's terminator)
-        from a broken one.
+    def attach(self) -> Attachment:
+        """Claim the session for a new connection; ``run`` it next. A connection still attached
+        must be superseded first."""
+        if self._connection is not None:
+            raise RuntimeError("a connection is attached: supersede it first")
+        connection = self._connection = Attachment(self)
+        self._connections += 1
+        self._notify_change()
+        return connection
 
-        Events that are ready together go out in one ``sink`` call; their room is given back to
-        producers only once the write completed, so the buffer bounds what is in flight too.
+    async def run(
+        self, sink: Sink, *, preface: bytes = b"", after: str | None = None, attachment: Attachment | None = None
+    ) -> bool:
+        """Write ``preface``, then (when resuming) every stored event after the token ``after``,
+        then live events, until the connection drops or the session ends. ``attachment`` comes from
+        :meth:`attach` (so a disconnect watcher can hold it); without it, ``run`` attaches.
+
+        Returns whether the stream ended gracefully, so its terminator should be written; False
+        means the connection should be dropped. Events that are ready together go out in one
+        ``sink`` call; their room is given back to producers only once the write completed, so
+        the buffer bounds what is in flight too.
         """
-        if self._started:
-            raise RuntimeError("a session handler runs once")
-        self._started = True
+        connection = attachment if attachment is not None else self.attach()
+        if connection is not self._connection:
+            raise RuntimeError("this attachment was superseded or has already run")
         self._last_activity = anyio.current_time()
         try:
-            if not preface or await self._write(sink, preface):
-                await self._pump(sink)
-            if self._final is not None:
-                final, self._final = self._final, None
-                if self._state is SessionState.BROKEN:
-                    # The client is likely stuck: give the farewell one short, bounded try.
-                    with anyio.move_on_after(min(self.config.write_timeout, self.config.drain_timeout)):
-                        await self._write(sink, final)
-                else:
-                    await self._write(sink, final)
-            if self._state is SessionState.CLOSING:
-                self._state = SessionState.CLOSED
+            if self.ended:
+                return False
+            if (not preface or await self._write(sink, connection, preface)) and (
+                after is None or await self._replay(sink, connection, after)
+            ):
+                await self._pump(sink, connection)
+            final = connection.final if connection.final is not None else self._final
+            if final is not None and (not connection.dead or self.ended):
+                # After a failure the client is likely stuck: one short, bounded try.
+                with anyio.move_on_after(min(self.config.write_timeout, self.config.drain_timeout)):
+                    await self._write(sink, connection, final, force=True)
+            if self._state is SessionState.CLOSING and not connection.dead:
+                self._end(SessionState.CLOSED)
                 logger.debug("session %s closed", self.tag)
+            return self._state is SessionState.CLOSED or (connection.superseded and not connection.dead)
         finally:
-            if self._state in (SessionState.OPEN, SessionState.CLOSING):
-                self._fail(ConnectionLostError, "the writer stopped")
-            self._finished.set()
+            if self._connection is connection:
+                self._connection = None
+            if self._state is SessionState.CLOSING:
+                self._fail(ConnectionLostError, "the connection dropped while draining")
+            elif self._state is SessionState.OPEN and self.config.session_grace == 0:
+                self._fail(ConnectionLostError, "the connection dropped")
+            self._notify_change()
 
-    async def _pump(self, sink: Sink) -> None:
-        """Write buffered events, or a heartbeat when idle, until the session stops being open."""
-        while True:
+    async def _replay(self, sink: Sink, connection: Attachment, after: str) -> bool:
+        """Re-send, from the store, every event after ``after`` up to the newest: buffered events
+        included, which is why the buffer is emptied first. Events produced meanwhile queue up."""
+        cut = self._last_token
+        self._queue.clear()
+        self._ledger.release(self._ledger.buffered_events, self._ledger.buffered_bytes)
+        if cut is None:
+            return True
+        replay = await self._store.replay(self.session_id, after, cut)
+        if replay is None:
+            return True
+        chunk: list[bytes] = []
+        if replay.gap:
+            logger.info("session %s: resumed past trimmed events", self.tag)
+            chunk.append(encode_error(ErrorCode.RESUME_GAP, "Events after Last-Event-ID are no longer available"))
+        size = 0
+        for stored in replay.events:
+            encoded = encode_event(stored.data, event=stored.event, id=format_event_id(self.session_id, stored.token))
+            chunk.append(encoded)
+            size += len(encoded)
+            if size >= _REPLAY_CHUNK:
+                if not await self._write(sink, connection, b"".join(chunk)):
+                    return False
+                self._events_sent += len(chunk)
+                chunk, size = [], 0
+        if chunk:
+            if not await self._write(sink, connection, b"".join(chunk)):
+                return False
+            self._events_sent += len(chunk)
+        return True
+
+    async def _pump(self, sink: Sink, connection: Attachment) -> None:
+        """Write buffered events, or a heartbeat when idle, until this connection stops."""
+        while not (connection.dead or connection.superseded):
             if self._queue:
                 chunks = [item[0] for item in self._queue]
                 events = len(chunks)
                 size = sum(item[1] for item in self._queue)
                 self._queue.clear()
-                if not await self._write(sink, chunks[0] if events == 1 else b"".join(chunks)):
+                if not await self._write(sink, connection, chunks[0] if events == 1 else b"".join(chunks)):
                     return
                 self._events_sent += events
-                if self._state is SessionState.BROKEN:  # failed while the write completed
-                    return
-                self._ledger.release(events, size)
+                if not self.ended:
+                    self._ledger.release(events, size)
                 continue
             if self._state is not SessionState.OPEN:
                 return
             idle = self.config.heartbeat_interval - (anyio.current_time() - self._last_activity)
             if idle <= 0:
-                if not await self._write(sink, HEARTBEAT):
+                if not await self._write(sink, connection, HEARTBEAT):
                     return
                 self._heartbeats_sent += 1
                 continue
@@ -310,18 +445,24 @@ class SessionHandler:
             with anyio.move_on_after(idle):
                 await self._ready.wait()
 
-    async def _write(self, sink: Sink, chunk: bytes) -> bool:
+    async def _write(self, sink: Sink, connection: Attachment, chunk: bytes, *, force: bool = False) -> bool:
+        """One write under ``write_timeout``; False, with the connection marked dead, if it fails."""
+        if (connection.dead or connection.superseded) and not force:
+            return False
         with anyio.CancelScope(deadline=anyio.current_time() + self.config.write_timeout) as scope:
-            self._write_scope = scope
+            connection.write_scope = scope
             try:
                 await sink(chunk)
             except Exception as exc:  # any failure to write means the connection is unusable
-                self._fail(ConnectionLostError, f"write failed ({type(exc).__name__})")
+                logger.info("session %s: write failed (%s)", self.tag, type(exc).__name__)
+                connection.dead = True
                 return False
             finally:
-                self._write_scope = None
+                connection.write_scope = None
         if scope.cancelled_caught:
-            self._fail(ConnectionLostError, f"a write stalled for {self.config.write_timeout:g} s")
+            if not (connection.dead or connection.superseded):
+                logger.info("session %s: a write stalled for %g s", self.tag, self.config.write_timeout)
+            connection.dead = True
             return False
         self._last_write = self._last_activity = anyio.current_time()
         self._bytes_sent += len(chunk)
@@ -332,6 +473,7 @@ class SessionHandler:
         return SessionStatistics(
             session=self.tag,
             state=self._state,
+            attached=self._connection is not None,
             buffered_events=ledger.buffered_events,
             buffered_bytes=ledger.buffered_bytes,
             reserved_events=ledger.reserved_events,
@@ -339,5 +481,6 @@ class SessionHandler:
             events_sent=self._events_sent,
             bytes_sent=self._bytes_sent,
             heartbeats_sent=self._heartbeats_sent,
+            connections=self._connections,
             last_write=self._last_write,
         )

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from urllib.parse import quote
 from uuid import UUID, uuid4
@@ -21,19 +22,22 @@ from mcp.server.transport_security import (
     TransportSecurityMiddleware,
     TransportSecuritySettings,
 )
-from mcp.shared._context_streams import ContextReceiveStream, ContextSendStream, create_context_streams
+from mcp.shared._context_streams import ContextSendStream, create_context_streams
+from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import stream_session
+from ._asgi import SSE_HEADERS, stream_session
 from .config import SseConfig
 from .errors import ErrorCode
-from .events import encode_event, error_body
+from .events import encode_error, encode_event, error_body
 from .handler import SessionHandler, session_tag
+from .ids import parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
+from .store import EventStore, InMemoryEventStore
 
 __all__ = ["RequestRejected", "SseServerTransport"]
 
@@ -52,6 +56,15 @@ class _Session:
     handler: SessionHandler
     inbound: _Inbound
     owner: AuthorizationContext | None
+
+
+def _ended_streams() -> tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]:
+    """Streams for a ``Server.run`` that has nothing to serve: reads end, writes are refused."""
+    inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
+    write_stream, outbound = create_context_streams[SessionMessage](0)
+    inbound.close()
+    outbound.close()
+    return read_stream, write_stream
 
 
 def _owner(scope: Scope) -> AuthorizationContext | None:
@@ -165,6 +178,7 @@ class SseServerTransport:
         max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE,
         *,
         config: SseConfig | None = None,
+        event_store: EventStore | None = None,
     ) -> None:
         """``endpoint`` is the relative path clients POST to, e.g. ``"/messages/"``.
 
@@ -185,6 +199,15 @@ class SseServerTransport:
         self._security = TransportSecurityMiddleware(security_settings)
         self._post_message_app = RequestBodyLimitMiddleware(self._handle_post_message, max_request_body_size)
         self._registry: SessionRegistry[_Session] = SessionRegistry()
+        self._store: EventStore = (
+            event_store
+            if event_store is not None
+            else InMemoryEventStore(
+                max_events=self._config.replay_max_events,
+                max_bytes=self._config.replay_max_bytes,
+                max_age=self._config.replay_max_age,
+            )
+        )
 
     @property
     def config(self) -> SseConfig:
@@ -208,15 +231,19 @@ class SseServerTransport:
     @asynccontextmanager
     async def connect_sse(
         self, scope: Scope, receive: Receive, send: Send
-    ) -> AsyncIterator[tuple[ContextReceiveStream[SessionMessage | Exception], _ServerWriteStream]]:
-        """Open a session on this GET and yield ``(read_stream, write_stream)`` for ``Server.run``.
+    ) -> AsyncIterator[tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]]:
+        """Serve this GET's event stream and yield ``(read_stream, write_stream)`` for ``Server.run``.
 
+        A GET with ``Last-Event-ID`` (header, or the ``last_event_id`` query parameter) resumes
+        that session: the session's server is already running, so the yielded streams are at end
+        of stream and ``Server.run`` returns at once, while the stream is served until it ends.
         Raises ValueError, after answering the request itself, when it fails the Host/Origin
         checks (421/403) or arrives during shutdown (503).
         """
         if scope["type"] != "http":
             raise ValueError("connect_sse can only handle HTTP requests")
-        error_response = await self._security.validate_request(Request(scope, receive), is_post=False)
+        request = Request(scope, receive)
+        error_response = await self._security.validate_request(request, is_post=False)
         if error_response is None and self._registry.shutting_down:
             retry_after = str(max(1, round(self._config.retry_interval)))
             error_response = Response("Server shutting down", status_code=503, headers={"Retry-After": retry_after})
@@ -224,16 +251,67 @@ class SseServerTransport:
             await error_response(scope, receive, send)
             raise RequestRejected("Request validation failed")
 
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            yield _ended_streams()
+            return
+
+        last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        preface = b""
+        if last_event_id:
+            resumed = await self._find_resumable(last_event_id, scope)
+            if resumed is not None:
+                session, token = resumed
+                async with anyio.create_task_group() as tg:
+                    preface = self._endpoint_event(scope, session)
+                    tg.start_soon(partial(stream_session, session.handler, scope, receive, send, preface, after=token))
+                    yield _ended_streams()
+                return
+            logger.info("resume refused: Last-Event-ID names no resumable session")
+            preface = encode_error(ErrorCode.RESUME_UNKNOWN, "Unknown or expired Last-Event-ID; a new session starts")
+
+        async with self._new_session(scope, receive, send, preface) as streams:
+            yield streams
+
+    async def _find_resumable(self, last_event_id: str, scope: Scope) -> tuple[_Session, str] | None:
+        """The session and token a Last-Event-ID resumes, if this credential may resume it."""
+        parsed = parse_event_id(last_event_id)
+        if parsed is None:
+            return None
+        session_id, token = parsed
+        session = self._registry.get(session_id)
+        if session is None or session.handler.ended or _owner(scope) != session.owner:
+            return None
+        if await self._store.replay(session_id, token) is None:
+            return None
+        logger.info("session %s: resuming", session.handler.tag)
+        return session, token
+
+    def _endpoint_event(self, scope: Scope, session: _Session) -> bytes:
+        path = quote(scope.get("root_path", "").rstrip("/") + self._endpoint)
+        return encode_event(
+            f"{path}?session_id={session.handler.session_id}", event="endpoint", retry=self._config.retry_ms
+        )
+
+    @asynccontextmanager
+    async def _new_session(
+        self, scope: Scope, receive: Receive, send: Send, preface: bytes
+    ) -> AsyncIterator[tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]]:
         session_id = uuid4().hex
         inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
-        session = _Session(SessionHandler(session_id, self._config), inbound, _owner(scope))
+        session = _Session(SessionHandler(session_id, self._config, self._store), inbound, _owner(scope))
         self._registry.add(session_id, session)
         logger.debug("session %s opened", session.handler.tag)
-        endpoint = f"{quote(scope.get('root_path', '').rstrip('/') + self._endpoint)}?session_id={session_id}"
+
+        # Attached before the server can write, so nothing it writes is taken for a detached session.
+        attachment = session.handler.attach()
+        preface += self._endpoint_event(scope, session)
 
         async def serve_stream() -> None:
             try:
-                await stream_session(session.handler, scope, receive, send, encode_event(endpoint, event="endpoint"))
+                await stream_session(session.handler, scope, receive, send, preface, attachment=attachment)
+                await session.handler.linger()
             finally:
                 self._registry.discard(session_id)
                 inbound.close()
@@ -249,6 +327,7 @@ class SseServerTransport:
             self._registry.discard(session_id)
             inbound.close()
             read_stream.close()
+            await self._store.drop(session_id)
 
     async def handle_post_message(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI app for the message endpoint: 405 to anything but POST, 413 over the body limit."""

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from examples.server import mcp as example_server
 from mcp_sse_transport import ErrorCode, SlowConsumerError, SseConfig, SseServerTransport, sse_app
 
-from ._support import RawSseStream, SseEvent, serving
+from ._support import RawSseStream, SseEvent, parse_block, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -360,7 +360,8 @@ async def test_heartbeats_are_written_only_while_the_stream_is_idle() -> None:
                     assert block is not None
                     blocks.append(block)
                 assert not [block for block in blocks if block.startswith(b":")]
-                assert [json.loads(block.split(b"data: ", 1)[1])["id"] for block in blocks] == list(range(60))
+                events = [parse_block(block) for block in blocks]
+                assert [event.json()["id"] if event else None for event in events] == list(range(60))
                 # Idle again: heartbeats resume.
                 assert await raw.next_block() == b": ping"
 

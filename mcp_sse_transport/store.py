@@ -1,0 +1,141 @@
+"""The replay log: every event of a session, kept for resumption, behind a store protocol.
+
+An :class:`EventStore` is scoped by session: ``replay`` for one session can never return another
+session's events. Events are appended before they are written, so an id a client saw can be
+resumed while it is retained.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Protocol, runtime_checkable
+
+__all__ = ["EventStore", "InMemoryEventStore", "Replay", "StoredEvent"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    token: str
+    """The store's id of the event within its session (the part of the event id after the session)."""
+    event: str | None
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    events: list[StoredEvent]
+    """The retained events after the requested one, oldest first."""
+    gap: bool
+    """Events after the requested one were trimmed before they could be replayed."""
+
+
+@runtime_checkable
+class EventStore(Protocol):
+    """Where a session's events are kept for replay.
+
+    ``append`` must return ids in call order for a session (compare equal order to the order of
+    the calls), and the tokens must not contain line breaks or NUL.
+    """
+
+    async def append(self, session_id: str, event: str | None, data: bytes) -> str:
+        """Keep one event; returns its token. Applies the store's retention limits."""
+        ...
+
+    async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
+        """Events after ``after`` up to and including ``until`` (``None``: the newest).
+
+        ``None`` when the session is unknown or expired, or ``after`` is not a token this store
+        issued for it.
+        """
+        ...
+
+    async def trim(self, session_id: str) -> None:
+        """Apply the retention limits now (age, mostly: appends apply them too)."""
+        ...
+
+    async def drop(self, session_id: str) -> None:
+        """Forget a session and its events."""
+        ...
+
+
+class _Log:
+    __slots__ = ("bytes", "entries", "next_seq")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[int, float, str | None, bytes]] = deque()
+        self.next_seq = 1
+        self.bytes = 0
+
+
+class InMemoryEventStore:
+    """The process-local store: per session, a log bounded by events, bytes and age.
+
+    Tokens are decimal sequence numbers from 1. The defaults are ``SseConfig``'s: twice the
+    session buffer (2,000 events, 8 MiB), so events written to a connection that then dropped can
+    still be replayed; ``max_age`` (5 minutes) drops what no reconnect could still want.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_events: int = 2000,
+        max_bytes: int = 8 * 1024 * 1024,
+        max_age: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_events < 1 or max_bytes < 1 or max_age <= 0:
+            raise ValueError("max_events, max_bytes and max_age must be positive")
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self._clock = clock
+        self._logs: dict[str, _Log] = {}
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def _trim(self, log: _Log, now: float) -> None:
+        entries = log.entries
+        while entries and (
+            len(entries) > self.max_events or log.bytes > self.max_bytes or now - entries[0][1] > self.max_age
+        ):
+            log.bytes -= len(entries.popleft()[3])
+
+    async def append(self, session_id: str, event: str | None, data: bytes) -> str:
+        log = self._logs.get(session_id)
+        if log is None:
+            log = self._logs[session_id] = _Log()
+        seq = log.next_seq
+        log.next_seq += 1
+        now = self._clock()
+        log.entries.append((seq, now, event, data))
+        log.bytes += len(data)
+        self._trim(log, now)
+        return str(seq)
+
+    async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
+        log = self._logs.get(session_id)
+        if log is None or not after.isdigit() or len(after) > 20:
+            return None
+        after_seq = int(after)
+        last = log.next_seq - 1
+        until_seq = last if until is None else int(until)
+        if after_seq > last:
+            return None
+        self._trim(log, self._clock())
+        first = log.entries[0][0] if log.entries else log.next_seq
+        start, stop = max(0, after_seq + 1 - first), max(0, until_seq + 1 - first)
+        events = [StoredEvent(str(seq), event, data) for seq, _, event, data in islice(log.entries, start, stop)]
+        return Replay(events, gap=after_seq + 1 < first)
+
+    async def trim(self, session_id: str) -> None:
+        log = self._logs.get(session_id)
+        if log is not None:
+            self._trim(log, self._clock())
+
+    async def drop(self, session_id: str) -> None:
+        self._logs.pop(session_id, None)
