@@ -6,7 +6,7 @@ import json
 import re
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,3 +178,55 @@ def parse_block(block: bytes) -> SseEvent | None:
         return None
     event.data = "\n".join(data)
     return event
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 whose open connections a test can cut at any moment, as a
+    network drop would: both sides are shut down, whatever was in flight is lost."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self._upstream = (host, int(port))
+        self._pairs: set[tuple[anyio.abc.SocketStream, anyio.abc.SocketStream]] = set()
+        self.cuts = 0
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, self._handle)
+            try:
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        upstream = await anyio.connect_tcp(*self._upstream)
+        pair = (client, upstream)
+        self._pairs.add(pair)
+        try:
+            async with client, upstream, anyio.create_task_group() as tg:
+                tg.start_soon(_pipe, client, upstream, tg.cancel_scope)
+                tg.start_soon(_pipe, upstream, client, tg.cancel_scope)
+        finally:
+            self._pairs.discard(pair)
+
+    def cut(self) -> None:
+        """Reset every open connection."""
+        for pair in list(self._pairs):
+            for stream in pair:
+                sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                with suppress(OSError):  # the peer may have gone already
+                    sock.shutdown(socket.SHUT_RDWR)
+        self.cuts += 1
+
+
+async def _pipe(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
+    try:
+        async for data in source:
+            await sink.send(data)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass
+    finally:
+        scope.cancel()
