@@ -9,13 +9,16 @@ import anyio
 import httpx2
 import mcp_types as types
 import pytest
+from mcp.client.client import Client
 from mcp.server import Server, ServerRequestContext
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcp_sse_transport import ErrorCode, SseConfig, sse_app
+from mcp_sse_transport.client import resumable_sse_client
 
 from ._support import CuttingProxy, RawSseStream, SseEvent, serving
 
@@ -25,15 +28,25 @@ OPEN = TransportSecuritySettings(enable_dns_rebinding_protection=False)
 
 
 async def _list_tools(ctx: ServerRequestContext, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-    return types.ListToolsResult(tools=[types.Tool(name="stream", input_schema={"type": "object"})])
+    return types.ListToolsResult(
+        tools=[types.Tool(name=name, input_schema={"type": "object"}) for name in ("stream", "hang")]
+    )
+
+
+hang_entered: list[anyio.Event] = []
+"""Set when the ``hang`` tool starts: the server holds the call."""
 
 
 async def _call_tool(ctx: ServerRequestContext, params: types.CallToolRequestParams) -> types.CallToolResult:
+    if params.name == "hang":
+        for event in hang_entered:
+            event.set()
+        await anyio.Event().wait()
     count = int((params.arguments or {})["count"])
     token = ctx.meta.get("progress_token") if ctx.meta else None
-    assert token is not None
     for n in range(1, count + 1):
-        await ctx.session.send_progress_notification(token, n, count, related_request_id=str(ctx.request_id))
+        if token is not None:
+            await ctx.session.send_progress_notification(token, n, count, related_request_id=str(ctx.request_id))
     return types.CallToolResult(content=[types.TextContent(type="text", text=f"streamed {count}")])
 
 
@@ -231,3 +244,54 @@ async def _first_id_after_posting(raw: RawSseStream, http: httpx2.AsyncClient, p
     first = await raw.next_event()
     assert first is not None and first.id is not None
     return first.id
+
+
+async def test_the_resuming_client_transport_carries_one_call_through_several_drops() -> None:
+    count = 5000
+    cut_points = [500, 1500, 2600, 3100, 4700]
+    config = SseConfig(retry_interval=0.05, replay_max_events=count * 2, replay_max_bytes=64 * 1024 * 1024)
+    received: list[float] = []
+    with anyio.fail_after(120):
+        async with serving(sse_app(streaming_server(), transport_security=OPEN, config=config)) as base:
+            proxy = CuttingProxy(base)
+            async with proxy.running() as proxied:
+
+                async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                    received.append(progress)
+                    if cut_points and len(received) == cut_points[0]:
+                        cut_points.pop(0)
+                        proxy.cut()
+
+                async with Client(resumable_sse_client(f"{proxied}/sse"), mode="legacy") as client:
+                    result = await client.call_tool("stream", {"count": count}, progress_callback=on_progress)
+                    assert result.content[0] == types.TextContent(type="text", text=f"streamed {count}")
+                    # The same session goes on after the drops.
+                    again = await client.call_tool("stream", {"count": 1})
+                    assert again.content[0] == types.TextContent(type="text", text="streamed 1")
+    assert received == list(range(1, count + 1))
+    assert proxy.cuts == 5
+
+
+async def test_a_lost_session_fails_the_waiting_call_with_a_typed_error() -> None:
+    config = SseConfig(retry_interval=0.3, session_grace=0.05)
+    with anyio.fail_after(30):
+        async with serving(sse_app(streaming_server(), transport_security=OPEN, config=config)) as base:
+            proxy = CuttingProxy(base)
+            async with proxy.running() as proxied:
+                async with Client(resumable_sse_client(f"{proxied}/sse"), mode="legacy") as client:
+                    async with anyio.create_task_group() as tg:
+                        failure: list[MCPError] = []
+
+                        async def call() -> None:
+                            with pytest.raises(MCPError) as caught:
+                                await client.call_tool("hang", {})
+                            failure.append(caught.value)
+
+                        entered = anyio.Event()
+                        hang_entered.append(entered)
+                        tg.start_soon(call)
+                        await entered.wait()
+                        hang_entered.remove(entered)
+                        # The client comes back after retry (0.3 s), past the grace period (0.05 s).
+                        proxy.cut()
+    assert failure and failure[0].error.code == ErrorCode.RESUME_UNKNOWN
