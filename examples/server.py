@@ -1,19 +1,32 @@
 """An MCP tool server on mcp-sse-transport: ``python -m examples.server [--host H] [--port P]``.
 
 Tools: ``echo`` returns its text, ``countdown`` streams progress notifications then returns,
-``fail`` raises, so a client sees a tool error. GET ``/sse`` opens a session.
+``fail`` raises, so a client sees a tool error. GET ``/sse`` opens a session; ``/`` is a page whose
+browser ``EventSource`` talks to the tools and resumes after a dropped connection.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+import anyio
 
 from mcp.server.mcpserver import Context, MCPServer
+from starlette.requests import Request
+from starlette.responses import FileResponse
 
 from mcp_sse_transport import SseConfig, run
 
 mcp = MCPServer("mcp-sse-transport example")
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+@mcp.custom_route("/", methods=["GET"])
+async def page(request: Request) -> FileResponse:
+    """The browser demo."""
+    return FileResponse(PAGE)
 
 
 @mcp.tool()
@@ -23,10 +36,12 @@ def echo(text: str) -> str:
 
 
 @mcp.tool()
-async def countdown(steps: int, ctx: Context) -> str:
-    """Report ``steps`` progress notifications, then say how many were sent."""
+async def countdown(steps: int, ctx: Context, interval: float = 0.0) -> str:
+    """Report ``steps`` progress notifications, ``interval`` seconds apart, then say how many."""
     for step in range(1, steps + 1):
         await ctx.report_progress(step, steps, message=f"step {step} of {steps}")
+        if interval:
+            await anyio.sleep(interval)
     return f"counted {steps} steps"
 
 
