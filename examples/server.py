@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import anyio
-
 from mcp.server.mcpserver import Context, MCPServer
 from starlette.requests import Request
 from starlette.responses import FileResponse
@@ -23,7 +22,7 @@ mcp = MCPServer("mcp-sse-transport example")
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-@mcp.custom_route("/", methods=["GET"])
+@mcp.custom_route("/", methods=["GET"])  # type: ignore[untyped-decorator]  # the SDK leaves it untyped
 async def page(request: Request) -> FileResponse:
     """The browser demo."""
     return FileResponse(PAGE)
