@@ -1,29 +1,44 @@
-"""Flow-controlled, resumable-by-design Server-Sent Events transport for the Python MCP SDK.
+"""A flow-controlled, resumable Server-Sent Events transport for the Python MCP SDK.
 
-A drop-in for ``mcp.server.sse.SseServerTransport`` whose sessions have bounded buffers,
-write deadlines, heartbeats, structured error events and a graceful shutdown.
+A drop-in for ``mcp.server.sse.SseServerTransport`` whose sessions have bounded buffers, write
+deadlines, heartbeats, structured error events, resumption by ``Last-Event-ID`` and a graceful
+shutdown. The resuming client transport is in :mod:`mcp_sse_transport.client`.
 """
 
 from .config import SlowConsumerPolicy, SseConfig
-from .errors import ConnectionLostError, ErrorCode, GrantError, SessionClosedError, SlowConsumerError
+from .errors import (
+    ConnectionLostError,
+    ErrorCode,
+    GrantError,
+    SessionClosedError,
+    SessionExpiredError,
+    SlowConsumerError,
+)
 from .events import encode_comment, encode_error, encode_event
 from .flow import CreditLedger, Grant, GrantState
-from .handler import SessionHandler, SessionState, SessionStatistics
+from .handler import Attachment, SessionHandler, SessionState, SessionStatistics
+from .ids import format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
 from .serving import H11Protocol, run, sse_app, uvicorn_server
+from .store import EventStore, InMemoryEventStore, Replay, StoredEvent
 from .transport import RequestRejected, SseServerTransport
 
 __all__ = [
+    "Attachment",
     "ConnectionLostError",
     "CreditLedger",
     "ErrorCode",
+    "EventStore",
     "Grant",
     "GrantError",
     "GrantState",
     "H11Protocol",
+    "InMemoryEventStore",
     "RegistryStatistics",
+    "Replay",
     "RequestRejected",
     "SessionClosedError",
+    "SessionExpiredError",
     "SessionHandler",
     "SessionRegistry",
     "SessionState",
@@ -32,9 +47,12 @@ __all__ = [
     "SlowConsumerPolicy",
     "SseConfig",
     "SseServerTransport",
+    "StoredEvent",
     "encode_comment",
     "encode_error",
     "encode_event",
+    "format_event_id",
+    "parse_event_id",
     "run",
     "sse_app",
     "uvicorn_server",
