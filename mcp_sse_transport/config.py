@@ -67,11 +67,11 @@ class SseConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("grant_timeout", "write_timeout", "heartbeat_interval", "drain_timeout", "replay_max_age"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("retry_interval", "session_grace"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 <= value < math.inf:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
         if self.slow_consumer_policy not in ("block", "disconnect"):
             raise ValueError(f"slow_consumer_policy must be 'block' or 'disconnect', got {self.slow_consumer_policy!r}")

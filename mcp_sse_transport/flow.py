@@ -100,6 +100,8 @@ class CreditLedger:
 
     def withdraw(self, grant: Grant) -> None:
         """Give up a grant that was not spent (a cancelled or timed-out producer)."""
+        if grant._ledger is not self:
+            raise GrantError("this grant belongs to another session")
         if grant.state is GrantState.WAITING:
             self._waiting.remove(grant)
             grant.state = GrantState.WITHDRAWN

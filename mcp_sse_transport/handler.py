@@ -285,8 +285,9 @@ class SessionHandler:
             self._ledger.fail_waiting()
             self._ready.set()
             logger.debug("session %s closing", self.tag)
-            if self._connection is None:
-                self._end(SessionState.CLOSED)
+            if self._connection is None and not self._queue:
+                self._end(SessionState.CLOSED)  # nothing left to deliver
+            # Detached with events buffered: a resume within drain_timeout still delivers them.
         with anyio.move_on_after(self.config.drain_timeout, shield=True):
             await self._finished.wait()
         if not self._finished.is_set():
@@ -373,8 +374,8 @@ class SessionHandler:
             final = connection.final if connection.final is not None else self._final
             if final is not None and (not connection.dead or self.ended):
                 # After a failure the client is likely stuck: one short, bounded try.
-                with anyio.move_on_after(min(self.config.write_timeout, self.config.drain_timeout)):
-                    await self._write(sink, connection, final, force=True)
+                timeout = min(self.config.write_timeout, self.config.drain_timeout)
+                await self._write(sink, connection, final, force=True, within=timeout)
             if self._state is SessionState.CLOSING and not connection.dead:
                 self._end(SessionState.CLOSED)
                 logger.debug("session %s closed", self.tag)
@@ -445,11 +446,15 @@ class SessionHandler:
             with anyio.move_on_after(idle):
                 await self._ready.wait()
 
-    async def _write(self, sink: Sink, connection: Attachment, chunk: bytes, *, force: bool = False) -> bool:
-        """One write under ``write_timeout``; False, with the connection marked dead, if it fails."""
+    async def _write(
+        self, sink: Sink, connection: Attachment, chunk: bytes, *, force: bool = False, within: float | None = None
+    ) -> bool:
+        """One write under ``write_timeout``; False, with the connection marked dead, if it fails.
+        ``force`` writes a final event to a connection that is ending."""
         if (connection.dead or connection.superseded) and not force:
             return False
-        with anyio.CancelScope(deadline=anyio.current_time() + self.config.write_timeout) as scope:
+        deadline = anyio.current_time() + (self.config.write_timeout if within is None else within)
+        with anyio.CancelScope(deadline=deadline) as scope:
             connection.write_scope = scope
             try:
                 await sink(chunk)
