@@ -27,29 +27,16 @@ from mcp_sse_transport import (
     SessionHandler,
     SessionState,
     SlowConsumerError,
-    SseConfig,
     encode_event,
 )
 from mcp_sse_transport.events import HEARTBEAT
 
+from ._timers import quiet_config
+
 pytestmark = pytest.mark.anyio
 
-# Long enough never to fire in a test unless the test wants it to.
-NEVER = 60.0
 SESSION = "0123456789abcdef0123456789abcdef"
-
-
-def config(**overrides: object) -> SseConfig:
-    """A config whose timers stay out of the way unless a test sets them."""
-    values: dict[str, object] = {
-        "grant_timeout": NEVER,
-        "write_timeout": NEVER,
-        "heartbeat_interval": NEVER,
-        "drain_timeout": NEVER,
-        "session_grace": NEVER,
-    }
-    values.update(overrides)
-    return SseConfig(**values)  # type: ignore[arg-type]
+config = quiet_config
 
 
 def new_handler(**overrides: object) -> SessionHandler:

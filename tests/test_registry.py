@@ -11,11 +11,11 @@ import anyio.lowlevel
 import httpx2
 import pytest
 
-from mcp_sse_transport import ErrorCode, SessionHandler, SessionRegistry, SessionState, SseConfig
+from mcp_sse_transport import ErrorCode, SessionHandler, SessionRegistry, SessionState
+
+from ._timers import quiet_config
 
 pytestmark = pytest.mark.anyio
-
-NEVER = 60.0
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,7 @@ class Entry:
 
 
 def make_handler(session_id: str, **overrides: object) -> SessionHandler:
-    values: dict[str, object] = {
-        "grant_timeout": NEVER,
-        "write_timeout": NEVER,
-        "heartbeat_interval": NEVER,
-        "drain_timeout": NEVER,
-        "session_grace": NEVER,
-    }
-    values.update(overrides)
-    return SessionHandler(session_id, SseConfig(**values))  # type: ignore[arg-type]
+    return SessionHandler(session_id, quiet_config(**overrides))
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
