@@ -27,11 +27,12 @@ class GrantState(Enum):
 class Grant:
     """Permission to put one event of at most ``size`` payload bytes into a session's buffer."""
 
-    __slots__ = ("_ledger", "_on_grant", "size", "state")
+    __slots__ = ("_ledger", "on_grant", "size", "state")
 
     def __init__(self, ledger: CreditLedger, size: int, on_grant: Callable[[], object] | None) -> None:
         self._ledger = ledger
-        self._on_grant = on_grant
+        self.on_grant = on_grant
+        """Called when a waiting grant is granted or failed, to wake its producer."""
         self.size = size
         self.state = GrantState.WAITING
 
@@ -76,8 +77,8 @@ class CreditLedger:
         grant.state = GrantState.GRANTED
         self.reserved_events += 1
         self.reserved_bytes += grant.size
-        if grant._on_grant is not None:
-            grant._on_grant()
+        if grant.on_grant is not None:
+            grant.on_grant()
 
     def _pump(self) -> None:
         while self._waiting and self._fits(self._waiting[0].size):
@@ -141,6 +142,6 @@ class CreditLedger:
         self._waiting.clear()
         for grant in failed:
             grant.state = GrantState.FAILED
-            if grant._on_grant is not None:
-                grant._on_grant()
+            if grant.on_grant is not None:
+                grant.on_grant()
         return failed

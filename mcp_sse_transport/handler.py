@@ -174,10 +174,11 @@ class SessionHandler:
         """
         if self._state is not SessionState.OPEN:
             raise self._error()
-        woken = anyio.Event()
-        grant = self._ledger.request(size, woken.set)
+        grant = self._ledger.request(size)
         if grant.granted:
             return grant
+        woken = anyio.Event()
+        grant.on_grant = woken.set
         if self.config.slow_consumer_policy == "disconnect":
             self._ledger.withdraw(grant)
             self._evict("the buffer was full")
