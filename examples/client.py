@@ -1,4 +1,8 @@
-"""Call the example server's tools with the SDK client: ``python -m examples.client [URL]``."""
+"""Call the example server's tools with the SDK client: ``python -m examples.client [URL] [--stock]``.
+
+By default the client transport is this library's resuming one; ``--stock`` uses the SDK's own
+``sse_client``, which works against the server unchanged.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,12 @@ from mcp.client.client import Client
 from mcp.client.sse import sse_client
 from mcp_types import TextContent
 
+from mcp_sse_transport.client import resumable_sse_client
 
-async def main(url: str) -> None:
-    async with Client(sse_client(url), mode="legacy") as client:
+
+async def main(url: str, stock: bool) -> None:
+    transport = sse_client(url) if stock else resumable_sse_client(url)
+    async with Client(transport, mode="legacy") as client:
         tools = await client.list_tools()
         print("tools:", ", ".join(tool.name for tool in tools.tools))
 
@@ -31,4 +38,6 @@ async def main(url: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("url", nargs="?", default="http://127.0.0.1:8000/sse")
-    anyio.run(main, parser.parse_args().url)
+    parser.add_argument("--stock", action="store_true", help="use the SDK's sse_client")
+    args = parser.parse_args()
+    anyio.run(main, args.url, args.stock)
