@@ -20,7 +20,9 @@ from mcp_sse_transport import uvicorn_server
 def free_socket() -> socket.socket:
     """A listening socket on 127.0.0.1 with a port the kernel chose: connections queue in its
     backlog until uvicorn accepts them, so no test has to wait for the server to be ready."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # accepted sockets inherit it; without it every small response waits for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
