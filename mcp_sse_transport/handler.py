@@ -9,17 +9,18 @@ The handler knows nothing of HTTP or of MCP: it writes encoded events to a ``sin
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from .config import SseConfig
 from .errors import ConnectionLostError, ErrorCode, SessionClosedError, SessionExpiredError, SlowConsumerError
-from .events import HEARTBEAT, encode_error, encode_event
+from .events import HEARTBEAT, encode_error, encode_event, encode_message
 from .flow import CreditLedger, Grant
 from .ids import format_event_id
 from .store import EventStore, InMemoryEventStore
@@ -31,7 +32,10 @@ logger = logging.getLogger("mcp_sse_transport")
 Sink = Callable[[bytes], Awaitable[None]]
 """Where a handler writes: called with one or more whole events at a time."""
 
-_REPLAY_CHUNK = 64 * 1024
+_WRITE_CHUNK = 64 * 1024
+"""Events ready together are joined into writes of about this many bytes: larger joins cost
+more in copying than they save in sends."""
+_YIELD_INTERVAL = 0.001
 
 
 def session_tag(session_id: str) -> str:
@@ -114,14 +118,19 @@ class SessionHandler:
         self.config = config or SseConfig()
         self._store = store if store is not None else InMemoryEventStore()
         self._ledger = CreditLedger(self.config.max_buffered_events, self.config.max_buffered_bytes)
-        self._queue: deque[tuple[bytes, int]] = deque()
+        self._append_nowait: Callable[[str, str | None, bytes], str] | None = getattr(
+            self._store, "append_nowait", None
+        )
+        self._id_prefix = format_event_id(session_id, "").encode()
+        self._queue: list[tuple[bytes, int]] = []
         self._last_token: str | None = None
         self._final: bytes | None = None
         self._state = SessionState.OPEN
         self._failure: tuple[type[anyio.BrokenResourceError], str] | None = None
-        self._ready = anyio.Event()
-        self._changed = anyio.Event()
-        self._finished = anyio.Event()
+        # Created when first waited on: an idle session should cost little.
+        self._ready: anyio.Event | None = None
+        self._changed: anyio.Event | None = None
+        self._yielded_at = 0.0
         self._connection: Attachment | None = None
         self._connections = 0
         self._events_sent = 0
@@ -161,8 +170,20 @@ class SessionHandler:
         return SessionClosedError(f"session {self.tag} is {self._state.value}")
 
     def _notify_change(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        """Wake whoever waits for the session to attach, detach or end."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def _change(self) -> anyio.Event:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    def _wake(self) -> None:
+        """Wake the writer: there is something to write, or to stop for."""
+        if self._ready is not None:
+            self._ready.set()
 
     # -- producers ---------------------------------------------------------------------------
 
@@ -217,14 +238,33 @@ class SessionHandler:
             raise
         if self._state is not SessionState.OPEN:  # ended while the store was busy
             raise self._error()
+        self._enqueue(data, event, token)
+
+    def _enqueue(self, data: bytes, event: str | None, token: str) -> None:
         self._last_token = token
-        self._queue.append((encode_event(data, event=event, id=format_event_id(self.session_id, token)), len(data)))
-        self._ready.set()
+        if event == "message":
+            encoded = encode_message(data, self._id_prefix, token)
+        else:
+            encoded = encode_event(data, event=event, id=format_event_id(self.session_id, token))
+        self._queue.append((encoded, len(data)))
+        self._wake()
 
     async def send(self, data: bytes | str, *, event: str | None = "message") -> None:
-        """Request a grant for ``data`` and spend it: the whole flow-controlled send."""
+        """Request a grant for ``data`` and spend it: the whole flow-controlled send.
+
+        When there is room and nobody waits, the event is buffered at once, without a grant
+        object, and the producer yields to other tasks at least every millisecond, so a burst
+        of sends never holds the event loop.
+        """
         if isinstance(data, str):
             data = data.encode()
+        if self._state is SessionState.OPEN and self._append_nowait is not None and self._ledger.take(len(data)):
+            self._enqueue(data, event, self._append_nowait(self.session_id, event, data))
+            now = time.monotonic()
+            if now - self._yielded_at >= _YIELD_INTERVAL:
+                self._yielded_at = now
+                await anyio.lowlevel.checkpoint()
+            return
         grant = await self.request_send(len(data))
         await self.send_event(grant, data, event=event)
 
@@ -255,20 +295,20 @@ class SessionHandler:
         self._wake_writer(connection)
         with anyio.move_on_after(self.config.drain_timeout, shield=True):
             while self._connection is connection:
-                await self._changed.wait()
+                await self._change().wait()
         if self._connection is connection:
             connection.dead = True
             self._wake_writer(connection)
 
     def _wake_writer(self, connection: Attachment) -> None:
-        self._ready.set()
+        self._wake()
         if connection.write_scope is not None and (connection.dead or connection.superseded):
             connection.write_scope.cancel()
 
     async def linger(self) -> None:
         """Return once the session has ended: closed, failed, or detached past ``session_grace``."""
         while not self.ended:
-            changed = self._changed
+            changed = self._change()
             if self._connection is not None:
                 await changed.wait()
                 continue
@@ -284,14 +324,15 @@ class SessionHandler:
             self._state = SessionState.CLOSING
             self._final = final
             self._ledger.fail_waiting()
-            self._ready.set()
+            self._wake()
             logger.debug("session %s closing", self.tag)
             if self._connection is None and not self._queue:
                 self._end(SessionState.CLOSED)  # nothing left to deliver
             # Detached with events buffered: a resume within drain_timeout still delivers them.
         with anyio.move_on_after(self.config.drain_timeout, shield=True):
-            await self._finished.wait()
-        if not self._finished.is_set():
+            while not self.ended:
+                await self._change().wait()
+        if not self.ended:
             self._fail(ConnectionLostError, f"buffered events did not drain within {self.config.drain_timeout:g} s")
 
     def _end(self, state: SessionState) -> None:
@@ -299,7 +340,6 @@ class SessionHandler:
         self._queue.clear()
         self._ledger.fail_waiting()
         self._ledger.release(self._ledger.buffered_events, self._ledger.buffered_bytes)
-        self._finished.set()
         self._notify_change()
 
     def _evict(self, reason: str) -> None:
@@ -410,7 +450,7 @@ class SessionHandler:
             encoded = encode_event(stored.data, event=stored.event, id=format_event_id(self.session_id, stored.token))
             chunk.append(encoded)
             size += len(encoded)
-            if size >= _REPLAY_CHUNK:
+            if size >= _WRITE_CHUNK:
                 if not await self._write(sink, connection, b"".join(chunk)):
                     return False
                 self._events_sent += len(chunk)
@@ -425,11 +465,8 @@ class SessionHandler:
         """Write buffered events, or a heartbeat when idle, until this connection stops."""
         while not (connection.dead or connection.superseded):
             if self._queue:
-                chunks = [item[0] for item in self._queue]
-                events = len(chunks)
-                size = sum(item[1] for item in self._queue)
-                self._queue.clear()
-                if not await self._write(sink, connection, chunks[0] if events == 1 else b"".join(chunks)):
+                chunk, events, size = self._take()
+                if not await self._write(sink, connection, chunk):
                     return
                 self._events_sent += events
                 if not self.ended:
@@ -446,6 +483,21 @@ class SessionHandler:
             self._ready = anyio.Event()
             with anyio.move_on_after(idle):
                 await self._ready.wait()
+
+    def _take(self) -> tuple[bytes, int, int]:
+        """The events at the head of the queue, at least one, joined up to about ``_WRITE_CHUNK``
+        bytes; returns the chunk, its events and their payload bytes."""
+        queue = self._queue
+        count, total = 0, 0
+        for encoded, _ in queue:
+            if count and total + len(encoded) > _WRITE_CHUNK:
+                break
+            count += 1
+            total += len(encoded)
+        taken = queue[:count]
+        del queue[:count]
+        chunk = taken[0][0] if count == 1 else b"".join(item[0] for item in taken)
+        return chunk, count, sum(item[1] for item in taken)
 
     async def _write(
         self, sink: Sink, connection: Attachment, chunk: bytes, *, force: bool = False, within: float | None = None

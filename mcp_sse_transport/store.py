@@ -106,6 +106,11 @@ class InMemoryEventStore:
             log.bytes -= len(entries.popleft()[3])
 
     async def append(self, session_id: str, event: str | None, data: bytes) -> str:
+        return self.append_nowait(session_id, event, data)
+
+    def append_nowait(self, session_id: str, event: str | None, data: bytes) -> str:
+        """``append`` without a coroutine: a memory store never waits, and the session handler's
+        fast path takes this when a store offers it."""
         log = self._logs.get(session_id)
         if log is None:
             log = self._logs[session_id] = _Log()

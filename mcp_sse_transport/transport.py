@@ -80,10 +80,12 @@ class _ServerWriteStream:
         self._task_group = task_group
 
     async def send(self, item: SessionMessage, /) -> None:
+        message = item.message
         try:
-            data = item.message.model_dump_json(by_alias=True, exclude_unset=True)
+            # Bytes straight from pydantic-core: what model_dump_json does, without the str round trip.
+            data = message.__pydantic_serializer__.to_json(message, by_alias=True, exclude_unset=True)
         except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
-            await _report_unserializable(self._session, self._task_group, item.message, exc)
+            await _report_unserializable(self._session, self._task_group, message, exc)
             return
         await self._session.handler.send(data)
 
