@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Final
 
 import anyio
+import anyio.abc
 from starlette.types import Receive, Scope, Send
 
 from .handler import Attachment, SessionHandler
@@ -27,10 +28,11 @@ def _aborter(scope: Scope) -> Callable[[], object] | None:
     return extension.get("abort") if isinstance(extension, dict) else None
 
 
-async def _watch_disconnect(receive: Receive, attachment: Attachment) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    attachment.lost()
+async def _watch_disconnect(receive: Receive, attachment: Attachment, scope: anyio.CancelScope) -> None:
+    with scope:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        attachment.lost()
 
 
 async def stream_session(
@@ -39,13 +41,15 @@ async def stream_session(
     receive: Receive,
     send: Send,
     preface: bytes,
+    task_group: anyio.abc.TaskGroup,
     *,
     after: str | None = None,
     attachment: Attachment | None = None,
 ) -> None:
     """Serve ``handler``'s events as this request's response until the connection drops or the
-    session ends. A new session comes with its ``attachment``; a resume (``after`` a token)
-    attaches here, superseding any connection still attached.
+    session ends; the disconnect watcher runs in ``task_group``. A new session comes with its
+    ``attachment``; a resume (``after`` a token) attaches here, superseding any connection still
+    attached.
 
     A graceful end closes the body with its terminating chunk; otherwise the connection is dropped
     (aborted where the server offers that) so a stuck client cannot hold it open.
@@ -59,10 +63,12 @@ async def stream_session(
         while handler.attached:  # the last resume wins
             await handler.supersede()
         attachment = handler.attach()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_disconnect, receive, attachment)
+    watcher = anyio.CancelScope()
+    task_group.start_soon(_watch_disconnect, receive, attachment, watcher)
+    try:
         graceful = await handler.run(sink, preface=preface, after=after, attachment=attachment)
-        tg.cancel_scope.cancel()
+    finally:
+        watcher.cancel()
     if not graceful and (abort := _aborter(scope)) is not None:
         abort()
     with anyio.move_on_after(handler.config.write_timeout):

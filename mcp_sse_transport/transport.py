@@ -252,6 +252,8 @@ class SseServerTransport:
         if error_response is not None:
             await error_response(scope, receive, send)
             raise RequestRejected("Request validation failed")
+        last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        del request  # held for the session's whole life otherwise
 
         if scope["method"] == "HEAD":
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
@@ -259,7 +261,6 @@ class SseServerTransport:
             yield _ended_streams()
             return
 
-        last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         preface = b""
         if last_event_id:
             resumed = await self._find_resumable(last_event_id, scope)
@@ -267,14 +268,43 @@ class SseServerTransport:
                 session, token = resumed
                 async with anyio.create_task_group() as tg:
                     preface = self._endpoint_event(scope, session)
-                    tg.start_soon(partial(stream_session, session.handler, scope, receive, send, preface, after=token))
+                    tg.start_soon(
+                        partial(stream_session, session.handler, scope, receive, send, preface, tg, after=token)
+                    )
                     yield _ended_streams()
                 return
             logger.info("resume refused: Last-Event-ID names no resumable session")
             preface = encode_error(ErrorCode.RESUME_UNKNOWN, "Unknown or expired Last-Event-ID; a new session starts")
 
-        async with self._new_session(scope, receive, send, preface) as streams:
-            yield streams
+        session_id = uuid4().hex
+        inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
+        session = _Session(SessionHandler(session_id, self._config, self._store), inbound, _owner(scope))
+        self._registry.add(session_id, session)
+        logger.debug("session %s opened", session.handler.tag)
+        # Attached before the server can write, so nothing it writes is taken for a detached session.
+        attachment = session.handler.attach()
+        preface += self._endpoint_event(scope, session)
+
+        async def serve_stream(tg: anyio.abc.TaskGroup) -> None:
+            try:
+                await stream_session(session.handler, scope, receive, send, preface, tg, attachment=attachment)
+                await session.handler.linger()
+            finally:
+                self._registry.discard(session_id)
+                inbound.close()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve_stream, tg)
+                try:
+                    yield read_stream, _ServerWriteStream(session, tg)
+                finally:
+                    await session.handler.close()
+        finally:
+            self._registry.discard(session_id)
+            inbound.close()
+            read_stream.close()
+            await self._store.drop(session_id)
 
     async def _find_resumable(self, last_event_id: str, scope: Scope) -> tuple[_Session, str] | None:
         """The session and token a Last-Event-ID resumes, if this credential may resume it."""
@@ -295,41 +325,6 @@ class SseServerTransport:
         return encode_event(
             f"{path}?session_id={session.handler.session_id}", event="endpoint", retry=self._config.retry_ms
         )
-
-    @asynccontextmanager
-    async def _new_session(
-        self, scope: Scope, receive: Receive, send: Send, preface: bytes
-    ) -> AsyncIterator[tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]]:
-        session_id = uuid4().hex
-        inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
-        session = _Session(SessionHandler(session_id, self._config, self._store), inbound, _owner(scope))
-        self._registry.add(session_id, session)
-        logger.debug("session %s opened", session.handler.tag)
-
-        # Attached before the server can write, so nothing it writes is taken for a detached session.
-        attachment = session.handler.attach()
-        preface += self._endpoint_event(scope, session)
-
-        async def serve_stream() -> None:
-            try:
-                await stream_session(session.handler, scope, receive, send, preface, attachment=attachment)
-                await session.handler.linger()
-            finally:
-                self._registry.discard(session_id)
-                inbound.close()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(serve_stream)
-                try:
-                    yield read_stream, _ServerWriteStream(session, tg)
-                finally:
-                    await session.handler.close()
-        finally:
-            self._registry.discard(session_id)
-            inbound.close()
-            read_stream.close()
-            await self._store.drop(session_id)
 
     async def handle_post_message(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI app for the message endpoint: 405 to anything but POST, 413 over the body limit."""
