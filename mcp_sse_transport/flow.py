@@ -56,6 +56,16 @@ class CreditLedger:
     is granted once the buffer is empty, so it waits instead of failing forever.
     """
 
+    __slots__ = (
+        "_waiting",
+        "buffered_bytes",
+        "buffered_events",
+        "max_bytes",
+        "max_events",
+        "reserved_bytes",
+        "reserved_events",
+    )
+
     def __init__(self, max_events: int, max_bytes: int) -> None:
         self.max_events = max_events
         self.max_bytes = max_bytes

@@ -113,6 +113,30 @@ class SessionHandler:
     :meth:`send_error` or :meth:`shutdown`.
     """
 
+    __slots__ = (
+        "_append_nowait",
+        "_bytes_sent",
+        "_changed",
+        "_connection",
+        "_connections",
+        "_events_sent",
+        "_failure",
+        "_final",
+        "_heartbeats_sent",
+        "_id_prefix",
+        "_last_activity",
+        "_last_token",
+        "_last_write",
+        "_ledger",
+        "_queue",
+        "_ready",
+        "_state",
+        "_store",
+        "_yielded_at",
+        "config",
+        "session_id",
+    )
+
     def __init__(self, session_id: str, config: SseConfig | None = None, store: EventStore | None = None) -> None:
         self.session_id = session_id
         self.config = config or SseConfig()

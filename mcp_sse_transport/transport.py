@@ -75,6 +75,8 @@ def _owner(scope: Scope) -> AuthorizationContext | None:
 class _ServerWriteStream:
     """The write stream the SDK server writes to: each message becomes one granted event."""
 
+    __slots__ = ("_session", "_task_group")
+
     def __init__(self, session: _Session, task_group: anyio.abc.TaskGroup) -> None:
         self._session = session
         self._task_group = task_group
