@@ -6,10 +6,9 @@ from collections.abc import Callable
 from typing import Final
 
 import anyio
-import anyio.abc
 from starlette.types import Receive, Scope, Send
 
-from .handler import Attachment, SessionHandler
+from .handler import Attachment, Closed, SessionHandler
 
 ABORT_EXTENSION: Final = "mcp_sse_transport.abort"
 """Scope extension under which a server offers ``{"abort": callable}`` to drop a connection at
@@ -28,11 +27,12 @@ def _aborter(scope: Scope) -> Callable[[], object] | None:
     return extension.get("abort") if isinstance(extension, dict) else None
 
 
-async def _watch_disconnect(receive: Receive, attachment: Attachment, scope: anyio.CancelScope) -> None:
-    with scope:
+def _disconnected(receive: Receive) -> Closed:
+    async def wait() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        attachment.lost()
+
+    return wait
 
 
 async def stream_session(
@@ -41,15 +41,13 @@ async def stream_session(
     receive: Receive,
     send: Send,
     preface: bytes,
-    task_group: anyio.abc.TaskGroup,
     *,
     after: str | None = None,
     attachment: Attachment | None = None,
 ) -> None:
     """Serve ``handler``'s events as this request's response until the connection drops or the
-    session ends; the disconnect watcher runs in ``task_group``. A new session comes with its
-    ``attachment``; a resume (``after`` a token) attaches here, superseding any connection still
-    attached.
+    session ends. A new session comes with its ``attachment``; a resume (``after`` a token)
+    attaches here, superseding any connection still attached.
 
     A graceful end closes the body with its terminating chunk; otherwise the connection is dropped
     (aborted where the server offers that) so a stuck client cannot hold it open.
@@ -63,12 +61,9 @@ async def stream_session(
         while handler.attached:  # the last resume wins
             await handler.supersede()
         attachment = handler.attach()
-    watcher = anyio.CancelScope()
-    task_group.start_soon(_watch_disconnect, receive, attachment, watcher)
-    try:
-        graceful = await handler.run(sink, preface=preface, after=after, attachment=attachment)
-    finally:
-        watcher.cancel()
+    graceful = await handler.run(
+        sink, preface=preface, after=after, attachment=attachment, closed=_disconnected(receive)
+    )
     if not graceful and (abort := _aborter(scope)) is not None:
         abort()
     with anyio.move_on_after(handler.config.write_timeout):

@@ -25,12 +25,14 @@ from .flow import CreditLedger, Grant
 from .ids import format_event_id
 from .store import EventStore, InMemoryEventStore
 
-__all__ = ["Attachment", "SessionHandler", "SessionState", "SessionStatistics", "Sink", "session_tag"]
+__all__ = ["Attachment", "Closed", "SessionHandler", "SessionState", "SessionStatistics", "Sink", "session_tag"]
 
 logger = logging.getLogger("mcp_sse_transport")
 
 Sink = Callable[[bytes], Awaitable[None]]
 """Where a handler writes: called with one or more whole events at a time."""
+Closed = Callable[[], Awaitable[object]]
+"""Returns once the connection's peer has gone; awaited, and cancelled, while the stream is idle."""
 
 _WRITE_CHUNK = 64 * 1024
 """Events ready together are joined into writes of about this many bytes: larger joins cost
@@ -124,12 +126,12 @@ class SessionHandler:
         "_final",
         "_heartbeats_sent",
         "_id_prefix",
+        "_idle_scope",
         "_last_activity",
         "_last_token",
         "_last_write",
         "_ledger",
         "_queue",
-        "_ready",
         "_state",
         "_store",
         "_yielded_at",
@@ -152,7 +154,7 @@ class SessionHandler:
         self._state = SessionState.OPEN
         self._failure: tuple[type[anyio.BrokenResourceError], str] | None = None
         # Created when first waited on: an idle session should cost little.
-        self._ready: anyio.Event | None = None
+        self._idle_scope: anyio.CancelScope | None = None
         self._changed: anyio.Event | None = None
         self._yielded_at = 0.0
         self._connection: Attachment | None = None
@@ -206,8 +208,8 @@ class SessionHandler:
 
     def _wake(self) -> None:
         """Wake the writer: there is something to write, or to stop for."""
-        if self._ready is not None:
-            self._ready.set()
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
 
     # -- producers ---------------------------------------------------------------------------
 
@@ -414,11 +416,18 @@ class SessionHandler:
         return connection
 
     async def run(
-        self, sink: Sink, *, preface: bytes = b"", after: str | None = None, attachment: Attachment | None = None
+        self,
+        sink: Sink,
+        *,
+        preface: bytes = b"",
+        after: str | None = None,
+        attachment: Attachment | None = None,
+        closed: Closed | None = None,
     ) -> bool:
         """Write ``preface``, then (when resuming) every stored event after the token ``after``,
-        then live events, until the connection drops or the session ends. ``attachment`` comes from
-        :meth:`attach` (so a disconnect watcher can hold it); without it, ``run`` attaches.
+        then live events, until the connection drops or the session ends. ``closed`` returns once
+        the peer has gone (for ASGI: ``http.disconnect``); ``attachment`` comes from :meth:`attach`,
+        else ``run`` attaches.
 
         Returns whether the stream ended gracefully, so its terminator should be written; False
         means the connection should be dropped. Events that are ready together go out in one
@@ -435,7 +444,7 @@ class SessionHandler:
             if (not preface or await self._write(sink, connection, preface)) and (
                 after is None or await self._replay(sink, connection, after)
             ):
-                await self._pump(sink, connection)
+                await self._pump(sink, connection, closed)
             final = connection.final if connection.final is not None else self._final
             if final is not None and (not connection.dead or self.ended):
                 # After a failure the client is likely stuck: one short, bounded try.
@@ -485,8 +494,9 @@ class SessionHandler:
             self._events_sent += len(chunk)
         return True
 
-    async def _pump(self, sink: Sink, connection: Attachment) -> None:
-        """Write buffered events, or a heartbeat when idle, until this connection stops."""
+    async def _pump(self, sink: Sink, connection: Attachment, closed: Closed | None) -> None:
+        """Write buffered events, or a heartbeat when idle, until this connection stops. While
+        idle the writer awaits ``closed`` itself: one task serves the connection both ways."""
         while not (connection.dead or connection.superseded):
             if self._queue:
                 chunk, events, size = self._take()
@@ -504,9 +514,16 @@ class SessionHandler:
                     return
                 self._heartbeats_sent += 1
                 continue
-            self._ready = anyio.Event()
-            with anyio.move_on_after(idle):
-                await self._ready.wait()
+            # Idle: watch the connection until the heartbeat is due or a producer wakes us.
+            with anyio.CancelScope(deadline=anyio.current_time() + idle) as self._idle_scope:
+                try:
+                    if closed is None:
+                        await anyio.sleep_forever()
+                    else:
+                        await closed()
+                        connection.lost()
+                finally:
+                    self._idle_scope = None
 
     def _take(self) -> tuple[bytes, int, int]:
         """The events at the head of the queue, at least one, joined up to about ``_WRITE_CHUNK``

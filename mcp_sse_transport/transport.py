@@ -270,9 +270,7 @@ class SseServerTransport:
                 session, token = resumed
                 async with anyio.create_task_group() as tg:
                     preface = self._endpoint_event(scope, session)
-                    tg.start_soon(
-                        partial(stream_session, session.handler, scope, receive, send, preface, tg, after=token)
-                    )
+                    tg.start_soon(partial(stream_session, session.handler, scope, receive, send, preface, after=token))
                     yield _ended_streams()
                 return
             logger.info("resume refused: Last-Event-ID names no resumable session")
@@ -287,9 +285,9 @@ class SseServerTransport:
         attachment = session.handler.attach()
         preface += self._endpoint_event(scope, session)
 
-        async def serve_stream(tg: anyio.abc.TaskGroup) -> None:
+        async def serve_stream() -> None:
             try:
-                await stream_session(session.handler, scope, receive, send, preface, tg, attachment=attachment)
+                await stream_session(session.handler, scope, receive, send, preface, attachment=attachment)
                 await session.handler.linger()
             finally:
                 self._registry.discard(session_id)
@@ -297,7 +295,7 @@ class SseServerTransport:
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(serve_stream, tg)
+                tg.start_soon(serve_stream)
                 try:
                     yield read_stream, _ServerWriteStream(session, tg)
                 finally:
