@@ -1,0 +1,272 @@
+"""Benchmark clients: raw HTTP/1.1 over asyncio sockets (the same code for both servers), and the
+SDK client for the full-stack and latency measurements. Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+MESSAGE_MARK = b"event: message\r\n"
+ENDPOINT_MARK = b"event: endpoint\r\n"
+
+
+def _request(port: int, target: str) -> bytes:
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n"
+        "Cache-Control: no-store\r\n\r\n"
+    ).encode()
+
+
+class _Counter(asyncio.Protocol):
+    """Counts ``event: message`` lines in the raw response until ``n`` arrived.
+
+    Both servers frame each event as ``event: message\\r\\ndata: ...\\r\\n\\r\\n`` and never split
+    one event across HTTP chunks, so counting the marker (across TCP reads) counts events.
+    """
+
+    def __init__(self, n: int, done: asyncio.Future[float]) -> None:
+        self.n = n
+        self.done = done
+        self.count = 0
+        self.bytes = 0
+        self.tail = b""
+        self.head = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if len(self.head) < 16:
+            self.head += data[:16]
+        k = len(MESSAGE_MARK) - 1
+        if len(data) >= k:
+            self.count += (self.tail + data[:k]).count(MESSAGE_MARK) + data.count(MESSAGE_MARK)
+            self.tail = data[-k:]
+        else:
+            joined = self.tail + data
+            self.count += joined.count(MESSAGE_MARK) - self.tail.count(MESSAGE_MARK)
+            self.tail = joined[-k:]
+        if self.count >= self.n and not self.done.done():
+            self.done.set_result(time.perf_counter())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"closed after {self.count}/{self.n} events ({exc})"))
+
+
+async def push_run(port: int, n: int, size: int, time_limit: float) -> dict[str, float]:
+    """GET /push and count events until ``n`` arrived: wall time from the request to the n-th event."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[float] = loop.create_future()
+    transport, proto = await asyncio.wait_for(
+        loop.create_connection(lambda: _Counter(n, done), "127.0.0.1", port), time_limit
+    )
+    try:
+        start = time.perf_counter()
+        transport.write(_request(port, f"/push?n={n}&size={size}"))
+        end = await asyncio.wait_for(done, time_limit)
+        if not proto.head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"unexpected response {proto.head!r}")
+        elapsed = end - start
+        return {"events": n, "seconds": elapsed, "events_per_s": n / elapsed, "wire_bytes": proto.bytes}
+    finally:
+        transport.close()
+
+
+class RawSession:
+    """A raw GET that reads the response head and the endpoint event, then reads no more."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: str) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.endpoint = endpoint
+
+    @classmethod
+    async def open(cls, port: int, target: str, time_limit: float, rcvbuf: int | None = None) -> RawSession:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # before connect, so the advertised TCP window stays small
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), time_limit)
+            # A small StreamReader limit too, so the client process does not soak up the stream.
+            reader, writer = await asyncio.open_connection(sock=sock, limit=rcvbuf or 2**16)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            writer.write(_request(port, target))
+            buf = b""
+            async with asyncio.timeout(time_limit):
+                while not (ENDPOINT_MARK in buf and buf.find(b"\r\n\r\n", buf.find(ENDPOINT_MARK)) >= 0):
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        raise ConnectionError(f"closed before the endpoint event: {buf[:200]!r}")
+                    buf += chunk
+            if not buf.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response {buf[:100]!r}")
+            start = buf.find(b"data: ", buf.find(ENDPOINT_MARK)) + 6
+            endpoint = buf[start : buf.find(b"\r\n", start)].decode()
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer, endpoint)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.writer.transport.abort()
+
+
+async def open_many(port: int, target: str, count: int, concurrency: int, time_limit: float) -> list[RawSession]:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> RawSession:
+        async with sem:
+            return await RawSession.open(port, target, time_limit)
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def http_get_json(port: int, target: str, time_limit: float) -> Any:
+    import json
+
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), time_limit)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(time_limit):
+            raw = await reader.read(-1)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"GET {target}: {head[:100]!r}")
+    return json.loads(body)
+
+
+@asynccontextmanager
+async def sdk_client(port: int) -> AsyncIterator[Any]:
+    """The SDK's legacy SSE client, connected to ``/sse`` and initialized."""
+    from mcp.client.client import Client
+    from mcp.client.sse import sse_client
+
+    async with Client(sse_client(f"http://127.0.0.1:{port}/sse", timeout=10), mode="legacy") as client:
+        yield client
+
+
+async def call_progress(client: Any, count: int, time_limit: float) -> dict[str, float]:
+    """Call the ``progress`` tool; notifications/s over the whole call (request to result)."""
+    received = 0
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        nonlocal received
+        received += 1
+
+    start = time.perf_counter()
+    async with asyncio.timeout(time_limit):
+        result = await client.call_tool("progress", {"count": count}, progress_callback=on_progress)
+    elapsed = time.perf_counter() - start
+    if result.is_error:
+        raise RuntimeError(f"tool failed: {result}")
+    # Notifications of one request are delivered in order before its response is.
+    if received != count:
+        raise RuntimeError(f"got {received} of {count} progress notifications")
+    return {"notifications": count, "seconds": elapsed, "notifications_per_s": count / elapsed}
+
+
+class RawMcpSession:
+    """An initialized MCP session driven over raw sockets: a GET stream for the server's events and
+    one keep-alive connection for POSTs (each request one write). Used for round-trip latency, so
+    that what is timed is the server, not the SDK client's own per-message work."""
+
+    def __init__(self, port: int, stream: RawSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.port = port
+        self.stream = stream
+        self.reader = reader
+        self.writer = writer
+        self.next_id = 1
+        self.buf = b""
+
+    @classmethod
+    async def open(cls, port: int, time_limit: float = 10) -> RawMcpSession:
+        stream = await RawSession.open(port, "/sse", time_limit)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), time_limit)
+        except BaseException:
+            stream.close()
+            raise
+        self = cls(port, stream, reader, writer)
+        try:
+            params = {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "bench", "version": "0"},
+            }
+            await self.request("initialize", params, time_limit)
+            await self._post({"jsonrpc": "2.0", "method": "notifications/initialized"}, time_limit)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def _post(self, message: dict[str, Any], time_limit: float) -> None:
+        import json
+
+        body = json.dumps(message, separators=(",", ":")).encode()
+        self.writer.write(
+            f"POST {self.stream.endpoint} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        async with asyncio.timeout(time_limit):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await self.reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 202"):
+            raise RuntimeError(f"POST answered {head[:40]!r}")
+
+    async def request(self, method: str, params: dict[str, Any] | None, time_limit: float) -> None:
+        """POST a request and wait for its response event on the stream."""
+        request_id = self.next_id
+        self.next_id += 1
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        await self._post(message, time_limit)
+        mark = b'"id":%d' % request_id
+        async with asyncio.timeout(time_limit):
+            while mark not in self.buf:
+                chunk = await self.stream.reader.read(65536)
+                if not chunk:
+                    raise ConnectionError("stream ended")
+                self.buf = self.buf[-64:] + chunk
+        self.buf = b""
+
+    async def ping_for(
+        self, seconds: float, max_pings: int = 100_000, starts: list[float] | None = None
+    ) -> list[float]:
+        """Sequential pings for ``seconds``: round-trip times in milliseconds (POST to response
+        event); each ping's ``perf_counter()`` start goes to ``starts`` if given."""
+        rtts: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end and len(rtts) < max_pings:
+            t0 = time.perf_counter()
+            await self.request("ping", None, 10)
+            rtts.append((time.perf_counter() - t0) * 1000)
+            if starts is not None:
+                starts.append(t0)
+        return rtts
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.writer.transport.abort()
+        self.stream.close()

@@ -1,0 +1,477 @@
+"""The measurements. Each one runs the stock and our transport in separate server processes,
+alternating which goes first from round to round, and keeps every raw sample."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .client import RawMcpSession, RawSession, call_progress, http_get_json, open_many, push_run, sdk_client
+from .procs import ServerProc
+
+IMPLS = ("stock", "ours")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run; ``quick()`` is the ~1 minute variant."""
+
+    rounds: int = 5
+    sizes: tuple[int, ...] = (64, 200, 1024, 16384, 262144)
+    events: tuple[tuple[int, int], ...] = ((64, 60000), (200, 60000), (1024, 60000), (16384, 8000), (262144, 800))
+    full_rounds: int = 5
+    full_notifications: int = 5000
+    stall_rounds: int = 3
+    stall_payload: int = 1024
+    grant_timeout: float = 2.0
+    write_timeout: float = 5.0
+    stall_cap: float = 10.0
+    baseline_seconds: float = 2.0
+    idle_rounds: int = 3
+    idle_sessions: int = 1000
+    idle_step: int = 100
+    settle: float = 0.2
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            rounds=3,
+            events=((64, 10000), (200, 10000), (1024, 10000), (16384, 1500), (262144, 150)),
+            full_rounds=3,
+            full_notifications=2000,
+            stall_rounds=1,
+            stall_cap=4.0,
+            baseline_seconds=1.5,
+            idle_rounds=1,
+            idle_step=250,
+        )
+
+    def n_events(self, size: int) -> int:
+        return dict(self.events)[size]
+
+
+def order(round_no: int) -> tuple[str, ...]:
+    """Alternate which transport goes first, so neither always runs on a warmer machine."""
+    return IMPLS if round_no % 2 == 0 else IMPLS[::-1]
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile, ``q`` in [0, 100]: the smallest value with at least q% of the
+    values at or below it."""
+    if not values:
+        raise ValueError("no samples")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+async def start_pair(logdir: Path, section: str, ours_args: list[str] | None = None) -> dict[str, ServerProc]:
+    procs = {
+        impl: ServerProc(impl, (ours_args or []) if impl == "ours" else [], logdir / f"{section}-{impl}.log")
+        for impl in IMPLS
+    }
+    try:
+        for proc in procs.values():
+            await proc.start()
+    except BaseException:
+        for proc in procs.values():
+            proc.kill()
+        raise
+    return procs
+
+
+async def stop_all(procs: dict[str, ServerProc]) -> None:
+    await asyncio.gather(*(proc.stop() for proc in procs.values()))
+
+
+# -- 1. transport alone ----------------------------------------------------------------------
+
+
+async def bench_transport(plan: Plan, logdir: Path) -> dict[str, Any]:
+    procs = await start_pair(logdir, "transport")
+    runs: list[dict[str, Any]] = []
+    try:
+        for impl in IMPLS:  # warm-up, discarded: imports, first allocations, JIT-less but cold caches
+            await push_run(procs[impl].port, 2000, 200, 60)
+        for round_no in range(plan.rounds):
+            for size in plan.sizes:
+                n = plan.n_events(size)
+                for impl in order(round_no):
+                    proc = procs[impl]
+                    await asyncio.sleep(plan.settle)
+                    cpu0 = proc.cpu_seconds()
+                    result = await push_run(proc.port, n, size, time_limit=120)
+                    result["server_cpu_s"] = proc.cpu_seconds() - cpu0
+                    runs.append({"impl": impl, "size": size, "round": round_no, **result})
+                    log(
+                        f"transport  round {round_no + 1}/{plan.rounds}  {size:>6} B  {impl:5}  "
+                        f"{result['events_per_s']:>9,.0f} events/s"
+                    )
+    finally:
+        await stop_all(procs)
+    return {"runs": runs, "summary": summarize_transport(runs, plan)}
+
+
+def summarize_transport(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for size in plan.sizes:
+        row: dict[str, Any] = {"events": plan.n_events(size)}
+        for impl in IMPLS:
+            mine = [r for r in runs if r["impl"] == impl and r["size"] == size]
+            row[impl] = {
+                "events_per_s": median([r["events_per_s"] for r in mine]),
+                "min": min(r["events_per_s"] for r in mine),
+                "max": max(r["events_per_s"] for r in mine),
+                # server CPU per event; the SSE clock time (on 2 cores) hides how busy the server was
+                "server_cpu_us_per_event": median([r["server_cpu_s"] / r["events"] * 1e6 for r in mine]),
+                # response bytes per event: SSE fields (ours adds an id: line) and HTTP chunk framing
+                "wire_bytes_per_event": median([r["wire_bytes"] / r["events"] for r in mine]),
+            }
+        row["ratio"] = row["ours"]["events_per_s"] / row["stock"]["events_per_s"]
+        summary[str(size)] = row
+    return summary
+
+
+# -- 2. full stack -----------------------------------------------------------------------------
+
+
+async def bench_fullstack(plan: Plan, logdir: Path) -> dict[str, Any]:
+    procs = await start_pair(logdir, "fullstack")
+    runs: list[dict[str, Any]] = []
+    try:
+        for round_no in range(plan.full_rounds):
+            for impl in order(round_no):
+                proc = procs[impl]
+                await asyncio.sleep(plan.settle)
+                async with sdk_client(proc.port) as client:
+                    await call_progress(client, 200, time_limit=60)  # warm-up call, discarded
+                    cpu0 = proc.cpu_seconds()
+                    result = await call_progress(client, plan.full_notifications, time_limit=120)
+                    result["server_cpu_s"] = proc.cpu_seconds() - cpu0
+                runs.append({"impl": impl, "round": round_no, **result})
+                log(
+                    f"fullstack  round {round_no + 1}/{plan.full_rounds}  {impl:5}  "
+                    f"{result['notifications_per_s']:>9,.0f} notifications/s"
+                )
+    finally:
+        await stop_all(procs)
+    return {"runs": runs, "summary": summarize_fullstack(runs, plan)}
+
+
+def summarize_fullstack(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    summary: dict[str, Any] = {"notifications": plan.full_notifications}
+    for impl in IMPLS:
+        mine = [r for r in runs if r["impl"] == impl]
+        summary[impl] = {
+            "notifications_per_s": median([r["notifications_per_s"] for r in mine]),
+            "min": min(r["notifications_per_s"] for r in mine),
+            "max": max(r["notifications_per_s"] for r in mine),
+            "server_cpu_us_per_notification": median([r["server_cpu_s"] / r["notifications"] * 1e6 for r in mine]),
+        }
+    summary["ratio"] = summary["ours"]["notifications_per_s"] / summary["stock"]["notifications_per_s"]
+    return summary
+
+
+# -- 3. stalled client -------------------------------------------------------------------------
+
+
+async def _stall_once(plan: Plan, proc: ServerProc, round_no: int) -> dict[str, Any]:
+    pinger = await RawMcpSession.open(proc.port)
+    stalled: RawSession | None = None
+    samples: list[tuple[float, int]] = []  # (seconds since the stalled session opened, RSS KiB)
+    t_open: float | None = None
+
+    async def sample_rss() -> None:
+        # /proc only: no request to the server, so the sampler costs the server nothing, and it
+        # runs through the baseline too, so both ping windows see the same client-side work.
+        for _ in range(20_000):  # 1,000 s at most; cancelled long before
+            if t_open is not None:
+                samples.append((time.perf_counter() - t_open, proc.rss_kib()))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample_rss())
+    try:
+        await pinger.ping_for(0.3)  # warm-up
+        baseline = await pinger.ping_for(plan.baseline_seconds)
+        await asyncio.sleep(plan.settle)
+        gc.collect()
+        rss0 = proc.rss_kib()
+        tag = uuid.uuid4().hex
+        target = f"/flood?tag={tag}&size={plan.stall_payload}&cap={plan.stall_cap}"
+        # The stalled client: a tiny receive window, reads the endpoint event, then nothing.
+        stalled = await RawSession.open(proc.port, target, 10, rcvbuf=4096)
+        t_open = time.perf_counter()
+        # Meanwhile: the other session's round trips, for as long as the grant timeout (the window
+        # in which our producer is stalled; stock's stays stalled for good).
+        starts: list[float] = []
+        during = await pinger.ping_for(plan.grant_timeout, starts=starts)
+        # Then wait for the release (the server timestamps it itself) or the cap; after a release,
+        # keep sampling 1 s more (is the memory given back?).
+        stats: dict[str, Any] = {}
+        released_at: float | None = None
+        for _ in range(10_000):  # bounded by the cap below anyway
+            now = time.perf_counter() - t_open
+            stats = await http_get_json(proc.port, f"/stats?tag={tag}", 5)
+            if stats.get("released") is not None and released_at is None:
+                released_at = now
+            if (released_at is not None and now > released_at + 1.0) or now > plan.stall_cap + 0.5:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        sampler.cancel()
+        if stalled is not None:
+            stalled.close()
+        pinger.close()
+    if not samples:
+        samples.append((0.0, rss0))
+
+    released = stats.get("released") is not None and stats.get("error") != "TimeoutError"
+    peak = max(rss for _, rss in samples)
+    # Plateau check over the observation window (until 1 s after a release, or the cap):
+    # bounded memory stops growing; compare the window's two halves.
+    half = samples[-1][0] / 2
+    mid = [rss for t, rss in samples if t <= half]
+    late = [rss for t, rss in samples if t > half]
+    return {
+        "impl": proc.impl,
+        "round": round_no,
+        "released": released,
+        "error": stats.get("error"),
+        "released_after_open_s": stats.get("released") if released else None,
+        # how long the send that finally failed had been waiting: compare with grant_timeout
+        "release_send_wait_s": stats.get("release_send_wait") if released else None,
+        "events_sent": stats.get("sent"),
+        "last_ok_s": stats.get("last_ok"),
+        "cap_s": plan.stall_cap,
+        "rss_before_kib": rss0,
+        "rss_peak_growth_kib": peak - rss0,
+        "rss_end_growth_kib": samples[-1][1] - rss0,
+        "rss_growth_first_half_kib": (max(mid) - rss0) if mid else None,
+        "rss_growth_second_half_kib": (max(late) - rss0) if late else None,
+        "rss_samples": samples,
+        "baseline_ms": baseline,
+        "during_ms": during,
+        "during_start_s": [t - t_open for t in starts],
+    }
+
+
+async def bench_stalled(plan: Plan, logdir: Path) -> dict[str, Any]:
+    ours_args = ["--grant-timeout", str(plan.grant_timeout), "--write-timeout", str(plan.write_timeout)]
+    runs: list[dict[str, Any]] = []
+    for round_no in range(plan.stall_rounds):
+        for impl in order(round_no):
+            # A fresh server per run, so RSS growth is not hidden by memory a previous run freed.
+            procs = {impl: ServerProc(impl, ours_args if impl == "ours" else [], logdir / f"stalled-{impl}.log")}
+            await procs[impl].start()
+            try:
+                result = await _stall_once(plan, procs[impl], round_no)
+            finally:
+                await stop_all(procs)
+            runs.append(result)
+            rel = (
+                f"released after {result['release_send_wait_s']:.2f} s wait ({result['error']})"
+                if result["released"]
+                else f"not released within {plan.stall_cap:g} s"
+            )
+            log(
+                f"stalled    round {round_no + 1}/{plan.stall_rounds}  {impl:5}  {rel}; "
+                f"RSS +{result['rss_peak_growth_kib'] / 1024:.1f} MiB peak; p99 "
+                f"{percentile(result['baseline_ms'], 99):.2f} -> {percentile(result['during_ms'], 99):.2f} ms"
+            )
+    return {"runs": runs, "summary": summarize_stalled(runs, plan)}
+
+
+def summarize_stalled(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "grant_timeout_s": plan.grant_timeout,
+        "write_timeout_s": plan.write_timeout,
+        "cap_s": plan.stall_cap,
+        "payload_bytes": plan.stall_payload,
+    }
+    for impl in IMPLS:
+        mine = [r for r in runs if r["impl"] == impl]
+        waits = [r["release_send_wait_s"] for r in mine if r["released"]]
+        summary[impl] = {
+            "released_runs": len(waits),
+            "runs": len(mine),
+            "errors": sorted({r["error"] for r in mine if r["released"] and r["error"]}),
+            "release_send_wait_s": median(waits),
+            "release_send_wait_max_s": max(waits) if waits else None,
+            "released_after_open_s": median([r["released_after_open_s"] for r in mine if r["released"]]),
+            "events_sent": median([r["events_sent"] for r in mine]),
+            "rss_peak_growth_kib": median([r["rss_peak_growth_kib"] for r in mine]),
+            "rss_end_growth_kib": median([r["rss_end_growth_kib"] for r in mine]),
+            "rss_growth_second_half_kib": median(
+                [r["rss_growth_second_half_kib"] for r in mine if r["rss_growth_second_half_kib"] is not None]
+            ),
+            "rss_growth_first_half_kib": median(
+                [r["rss_growth_first_half_kib"] for r in mine if r["rss_growth_first_half_kib"] is not None]
+            ),
+            "baseline_p50_ms": median([percentile(r["baseline_ms"], 50) for r in mine]),
+            "baseline_p99_ms": median([percentile(r["baseline_ms"], 99) for r in mine]),
+            "during_p50_ms": median([percentile(r["during_ms"], 50) for r in mine]),
+            "during_p99_ms": median([percentile(r["during_ms"], 99) for r in mine]),
+            "baseline_max_ms": max(max(r["baseline_ms"]) for r in mine),
+            "during_max_ms": max(max(r["during_ms"]) for r in mine),
+            # when (after the stalled session opened) each round's worst ping started
+            "during_max_at_s": [
+                r["during_start_s"][r["during_ms"].index(max(r["during_ms"]))] for r in mine if r.get("during_start_s")
+            ],
+            # all rounds' samples pooled: a p99 from more samples
+            "baseline_p99_pooled_ms": percentile([x for r in mine for x in r["baseline_ms"]], 99),
+            "during_p99_pooled_ms": percentile([x for r in mine for x in r["during_ms"]], 99),
+            "baseline_p999_pooled_ms": percentile([x for r in mine for x in r["baseline_ms"]], 99.9),
+            "during_p999_pooled_ms": percentile([x for r in mine for x in r["during_ms"]], 99.9),
+            "pings_baseline": sum(len(r["baseline_ms"]) for r in mine),
+            "pings_during": sum(len(r["during_ms"]) for r in mine),
+        }
+        s = summary[impl]
+        # each round's p99 against its own baseline, then the median over rounds
+        s["p99_during_over_baseline"] = median(
+            [percentile(r["during_ms"], 99) / percentile(r["baseline_ms"], 99) for r in mine]
+        )
+        s["p99_pooled_during_over_baseline"] = s["during_p99_pooled_ms"] / s["baseline_p99_pooled_ms"]
+    return summary
+
+
+# -- 4. idle sessions --------------------------------------------------------------------------
+
+IDLE_VARIANTS = {
+    "mcp": "/sse",  # a lowlevel Server.run per session, waiting for its client (what a deployment holds)
+    "transport": "/idle",  # connect_sse alone: the endpoint just holds the streams open
+}
+FLOOR_PATH = "/floor"  # no transport: a bare streaming response, the uvicorn + h11 per-connection floor
+
+
+async def _idle_once(plan: Plan, proc: ServerProc, path: str, round_no: int, variant: str) -> dict[str, Any]:
+    sessions: list[RawSession] = []
+    try:
+        warm = await open_many(proc.port, path, 20, 20, 10)  # warm-up: first-session allocations
+        for s in warm:
+            s.close()
+        await asyncio.sleep(1.0)
+        rss0 = proc.rss_kib()
+        curve = [(0, rss0)]
+        while len(sessions) < plan.idle_sessions:
+            step = min(plan.idle_step, plan.idle_sessions - len(sessions))
+            sessions += await open_many(proc.port, path, step, 50, 30)
+            await asyncio.sleep(0.3)
+            curve.append((len(sessions), proc.rss_kib()))
+        await asyncio.sleep(1.0)
+        rss_n = proc.rss_kib()
+        curve[-1] = (len(sessions), rss_n)
+    finally:
+        for s in sessions:
+            s.close()
+    return {
+        "impl": proc.impl,
+        "variant": variant,
+        "round": round_no,
+        "sessions": len(sessions),
+        "rss_before_kib": rss0,
+        "rss_after_kib": rss_n,
+        "kib_per_session": (rss_n - rss0) / len(sessions),
+        "curve": curve,
+    }
+
+
+async def bench_idle(plan: Plan, logdir: Path) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for round_no in range(plan.idle_rounds):
+        for variant, path in IDLE_VARIANTS.items():
+            for impl in order(round_no):
+                proc = ServerProc(impl, [], logdir / f"idle-{impl}.log")
+                await proc.start()
+                try:
+                    result = await _idle_once(plan, proc, path, round_no, variant)
+                finally:
+                    await proc.stop()
+                runs.append(result)
+                log(
+                    f"idle       round {round_no + 1}/{plan.idle_rounds}  {variant:9}  {impl:5}  "
+                    f"{result['kib_per_session']:.1f} KiB/session ({result['sessions']} sessions)"
+                )
+                await asyncio.sleep(plan.settle)
+        # The reference floor, once per round, in a server of the impl whose turn it is first.
+        impl = order(round_no)[0]
+        proc = ServerProc(impl, [], logdir / f"idle-floor-{impl}.log")
+        await proc.start()
+        try:
+            result = await _idle_once(plan, proc, FLOOR_PATH, round_no, "floor")
+        finally:
+            await proc.stop()
+        runs.append(result)
+        log(
+            f"idle       round {round_no + 1}/{plan.idle_rounds}  floor      (no transport)  "
+            f"{result['kib_per_session']:.1f} KiB/connection ({result['sessions']} connections)"
+        )
+    return {"runs": runs, "summary": summarize_idle(runs, plan)}
+
+
+def summarize_idle(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    summary: dict[str, Any] = {"sessions": plan.idle_sessions}
+    floor = [r for r in runs if r["variant"] == "floor"]
+    summary["floor"] = {
+        "kib_per_session": median([r["kib_per_session"] for r in floor]),
+        "curve": [
+            (n, median([r["curve"][i][1] - r["rss_before_kib"] for r in floor]))
+            for i, (n, _) in enumerate(floor[0]["curve"])
+        ],
+    }
+    for variant in IDLE_VARIANTS:
+        row: dict[str, Any] = {}
+        for impl in IMPLS:
+            mine = [r for r in runs if r["impl"] == impl and r["variant"] == variant]
+            steps = [n for n, _ in mine[0]["curve"]]
+            row[impl] = {
+                "kib_per_session": median([r["kib_per_session"] for r in mine]),
+                "min": min(r["kib_per_session"] for r in mine),
+                "max": max(r["kib_per_session"] for r in mine),
+                "rss_before_kib": median([r["rss_before_kib"] for r in mine]),
+                # median RSS growth over the rounds at each step, for the plot
+                "curve": [
+                    (n, median([r["curve"][i][1] - r["rss_before_kib"] for r in mine])) for i, n in enumerate(steps)
+                ],
+            }
+        row["ratio"] = row["ours"]["kib_per_session"] / row["stock"]["kib_per_session"]
+        summary[variant] = row
+    return summary
+
+
+SUMMARIZERS = {
+    "transport": summarize_transport,
+    "fullstack": summarize_fullstack,
+    "stalled": summarize_stalled,
+    "idle": summarize_idle,
+}
+
+
+def plan_from_json(saved: dict[str, Any]) -> Plan:
+    """The Plan a results file was made with (JSON turned its tuples into lists)."""
+    fields: dict[str, Any] = dict(saved)
+    fields["sizes"] = tuple(fields["sizes"])
+    fields["events"] = tuple((int(size), int(n)) for size, n in fields["events"])
+    return Plan(**fields)
+
+
+def resummarize(results: dict[str, Any]) -> None:
+    """Recompute every section's summary from its raw runs (after a change to the statistics)."""
+    plan = plan_from_json(results["plan"])
+    for name, summarize in SUMMARIZERS.items():
+        if name in results and results[name].get("runs"):
+            results[name]["summary"] = summarize(results[name]["runs"], plan)

@@ -1,0 +1,323 @@
+"""The benchmark server, run as its own process: ``python -m bench.server --impl stock|ours``.
+
+One process per transport, so each one's RSS is read from ``/proc/<pid>/status`` with nothing
+else in it. It binds 127.0.0.1 port 0, prints ``READY <port>`` on stdout, and serves under a real
+uvicorn (h11, asyncio loop, no access log) until SIGTERM. The app is the same for both transports:
+
+- ``GET /push?n=N&size=S``    transport alone: on session open push N notifications of S bytes
+                              (serialized) into the write stream of ``connect_sse``, then close it.
+- ``GET /flood?tag=T&size=S`` stalled-client producer: push until the write stream fails (or the
+                              ``max`` count / ``cap`` seconds are reached); progress under ``/stats``.
+- ``GET /idle``               a session that holds its streams open and does nothing.
+- ``GET /floor``              no transport at all: a bare ASGI streaming response that sends one
+                              endpoint-like event and waits for the disconnect. The per-connection
+                              memory floor of uvicorn + h11 + Starlette routing, for reference.
+- ``GET /sse``                a full SDK lowlevel ``Server`` (tool ``progress``, ping).
+- ``/messages/``              the transport's POST endpoint.
+- ``GET /stats?tag=T``        the flood producer's progress, as JSON.
+
+Stock (``mcp.server.sse.SseServerTransport``) uses the SDK's documented endpoint pattern (a
+Starlette function endpoint around ``connect_sse`` that returns ``Response()``); ours
+(``mcp_sse_transport.SseServerTransport``) a raw ASGI endpoint, as its docs recommend, served by the
+library's ``H11Protocol`` (uvicorn's h11 protocol plus the connection-abort hook). Nothing else
+differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import mcp_types as types
+import uvicorn
+from mcp.server.lowlevel.server import Server
+from mcp.shared.message import SessionMessage
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
+
+IMPLS = ("stock", "ours")
+_CLOSED = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
+
+
+def make_message(size: int) -> types.JSONRPCNotification:
+    """A JSON-RPC notification whose serialized form (the SSE ``data:``) is exactly ``size`` bytes."""
+    base = types.JSONRPCNotification(jsonrpc="2.0", method="bench/tick", params={"d": ""})
+    overhead = len(base.model_dump_json(by_alias=True, exclude_unset=True))
+    if size < overhead:
+        raise ValueError(f"payload size must be >= {overhead} bytes")
+    message = types.JSONRPCNotification(jsonrpc="2.0", method="bench/tick", params={"d": "x" * (size - overhead)})
+    assert len(message.model_dump_json(by_alias=True, exclude_unset=True)) == size
+    return message
+
+
+def make_lowlevel_server() -> Server[Any]:
+    """The full-stack server: one tool, ``progress``, that sends ``count`` progress notifications."""
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        schema = {"type": "object", "properties": {"count": {"type": "integer"}}, "required": ["count"]}
+        return types.ListToolsResult(tools=[types.Tool(name="progress", input_schema=schema)])
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        count = int((params.arguments or {}).get("count", 0))
+        token = (ctx.meta or {}).get("progress_token")
+        if token is not None:
+            for i in range(1, count + 1):
+                await ctx.session.send_progress_notification(token, i, count, related_request_id=ctx.request_id)
+        return types.CallToolResult(content=[types.TextContent(type="text", text=f"sent {count}")])
+
+    return Server("bench", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+class Flood:
+    """Progress of each ``/flood`` producer, by the client's tag."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict[str, Any]] = {}
+
+    async def run(self, tag: str, write: Any, size: int, max_events: int, cap: float) -> None:
+        message = make_message(size)
+        state: dict[str, Any] = {
+            "opened": time.monotonic(),
+            "sent": 0,
+            "last_ok": None,
+            "pending_since": None,
+            "released": None,
+            "release_send_wait": None,
+            "error": None,
+        }
+        self.runs[tag] = state
+        deadline = state["opened"] + cap
+        try:
+            while state["sent"] < max_events and time.monotonic() < deadline:
+                state["pending_since"] = time.monotonic()
+                with anyio.fail_after(max(0.0, deadline - time.monotonic()) + 0.001):
+                    await write.send(SessionMessage(message))
+                state["pending_since"] = None
+                state["sent"] += 1
+                state["last_ok"] = time.monotonic()
+        except BaseException as exc:
+            now = time.monotonic()
+            state["released"] = now
+            if state["pending_since"] is not None:
+                state["release_send_wait"] = now - state["pending_since"]
+            state["error"] = type(exc).__name__
+            if not isinstance(exc, (*_CLOSED, TimeoutError)):
+                raise
+
+    def stats(self, tag: str) -> dict[str, Any]:
+        state = self.runs.get(tag)
+        if state is None:
+            return {"found": False}
+        now = time.monotonic()
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None else t - state["opened"]
+
+        return {
+            "found": True,
+            "age": now - state["opened"],
+            "sent": state["sent"],
+            "last_ok": rel(state["last_ok"]),
+            "pending_for": None
+            if state["pending_since"] is None or state["released"]
+            else now - state["pending_since"],
+            "released": rel(state["released"]),
+            "release_send_wait": state["release_send_wait"],
+            "error": state["error"],
+        }
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(scope.get("query_string", b"").decode()))
+
+
+Body = Callable[[Scope, Any, Any], Awaitable[None]]
+"""What an endpoint does with ``(scope, read_stream, write_stream)`` once the session is open."""
+
+
+def build_app(impl: str, grant_timeout: float | None, write_timeout: float | None) -> tuple[Starlette, Any]:
+    if impl == "stock":
+        from mcp.server.sse import SseServerTransport as StockTransport
+
+        transport: Any = StockTransport("/messages/")
+    else:
+        from mcp_sse_transport import SseConfig, SseServerTransport
+
+        config = SseConfig()
+        if grant_timeout is not None:
+            config = dataclasses.replace(config, grant_timeout=grant_timeout)
+        if write_timeout is not None:
+            config = dataclasses.replace(config, write_timeout=write_timeout)
+        transport = SseServerTransport("/messages/", config=config)
+
+    mcp_server = make_lowlevel_server()
+    flood = Flood()
+
+    async def push(scope: Scope, read: Any, write: Any) -> None:
+        q = _query(scope)
+        n, message = int(q["n"]), make_message(int(q["size"]))
+        try:
+            for _ in range(n):
+                await write.send(SessionMessage(message))
+            await write.aclose()
+        except _CLOSED:
+            pass
+
+    async def flood_body(scope: Scope, read: Any, write: Any) -> None:
+        q = _query(scope)
+        await flood.run(
+            q["tag"], write, int(q.get("size", 1024)), int(q.get("max", 10_000_000)), float(q.get("cap", 30))
+        )
+
+    async def idle(scope: Scope, read: Any, write: Any) -> None:
+        try:
+            async for _ in read:  # until the session ends
+                pass
+        except _CLOSED:
+            pass
+
+    async def full(scope: Scope, read: Any, write: Any) -> None:
+        await mcp_server.run(read, write, mcp_server.create_initialization_options())
+
+    def endpoint(body: Body) -> Any:
+        if impl == "stock":
+            # The SDK's documented pattern (mcp/server/sse.py module docstring).
+            async def handle_sse(request: Request) -> Response:
+                async with transport.connect_sse(request.scope, request.receive, request._send) as streams:
+                    await body(request.scope, streams[0], streams[1])
+                return Response()
+
+            return handle_sse
+
+        # Ours: a raw ASGI endpoint (answers once; see mcp_sse_transport.serving._SseEndpoint).
+        from mcp_sse_transport import RequestRejected
+
+        class RawEndpoint:
+            async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+                try:
+                    async with transport.connect_sse(scope, receive, send) as (read, write):
+                        await body(scope, read, write)
+                except RequestRejected:
+                    pass
+
+        return RawEndpoint()
+
+    class Floor:  # a class instance, so Starlette's Route treats it as a raw ASGI app
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+            )
+            data = f"/messages/?session_id={uuid.uuid4().hex}".encode()
+            body = b"event: endpoint\r\ndata: " + data + b"\r\n\r\n"
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse(flood.stats(request.query_params.get("tag", "")))
+
+    routes = [
+        Route("/push", endpoint=endpoint(push), methods=["GET"]),
+        Route("/flood", endpoint=endpoint(flood_body), methods=["GET"]),
+        Route("/idle", endpoint=endpoint(idle), methods=["GET"]),
+        Route("/sse", endpoint=endpoint(full), methods=["GET"]),
+        Route("/floor", endpoint=Floor(), methods=["GET"]),
+        Route("/stats", endpoint=stats, methods=["GET"]),
+        Mount("/messages/", app=transport.handle_post_message),
+    ]
+    return Starlette(routes=routes), transport
+
+
+def raise_fd_limit(wanted: int = 65536) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impl", choices=IMPLS, required=True)
+    parser.add_argument("--grant-timeout", type=float, default=None, help="ours: SseConfig.grant_timeout")
+    parser.add_argument("--write-timeout", type=float, default=None, help="ours: SseConfig.write_timeout")
+    parser.add_argument("--profile", default=None, help="write a pyinstrument profile of the whole run here")
+    args = parser.parse_args(argv)
+
+    raise_fd_limit()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    preload = os.environ.get("BENCH_SERVER_PRELOAD")
+    if preload:  # a developer's experiment (e.g. a monkeypatch of the library) to A/B against
+        import runpy
+
+        runpy.run_path(preload, run_name="bench_preload")
+    app, _ = build_app(args.impl, args.grant_timeout, args.write_timeout)
+
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # accepted sockets inherit the listener's. With socket.socket(AF_INET, SOCK_STREAM) (proto 0)
+    # every connection runs with Nagle on, and a 202 written as head + body waits ~40 ms for the
+    # client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    if args.impl == "ours":
+        from mcp_sse_transport import H11Protocol
+
+        http: Any = H11Protocol
+    else:
+        http = "h11"
+    config = uvicorn.Config(
+        app,
+        http=http,
+        loop="asyncio",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+
+    profiler = None
+    if args.profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.001, async_mode="disabled")
+        profiler.start()
+
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default disposition that
+    # would kill the process before the profile is written.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    print(f"READY {sock.getsockname()[1]} {os.getpid()}", flush=True)
+    try:
+        anyio.run(lambda: server.serve(sockets=[sock]))
+    finally:
+        if profiler is not None:
+            profiler.stop()
+            with open(args.profile + ".txt", "w") as f:
+                f.write(profiler.output_text(unicode=True, color=False, show_all=False))
+            with open(args.profile + ".html", "w") as f:
+                f.write(profiler.output_html())
+            # The raw session, so the report can be re-rendered (e.g. with other filters).
+            profiler.last_session.save(args.profile + ".pyisession")  # type: ignore[union-attr]
+
+
+if __name__ == "__main__":
+    main()
