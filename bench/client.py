@@ -14,10 +14,11 @@ MESSAGE_MARK = b"event: message\r\n"
 ENDPOINT_MARK = b"event: endpoint\r\n"
 
 
-def _request(port: int, target: str) -> bytes:
+def _request(port: int, target: str, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     return (
         f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n"
-        "Cache-Control: no-store\r\n\r\n"
+        f"Cache-Control: no-store\r\n{extra}\r\n"
     ).encode()
 
 
@@ -88,7 +89,9 @@ class RawSession:
         self.endpoint = endpoint
 
     @classmethod
-    async def open(cls, port: int, target: str, time_limit: float, rcvbuf: int | None = None) -> RawSession:
+    async def open(
+        cls, port: int, target: str, time_limit: float, rcvbuf: int | None = None, headers: dict[str, str] | None = None
+    ) -> RawSession:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # before connect, so the advertised TCP window stays small
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -101,7 +104,7 @@ class RawSession:
             sock.close()
             raise
         try:
-            writer.write(_request(port, target))
+            writer.write(_request(port, target, headers))
             buf = b""
             async with asyncio.timeout(time_limit):
                 while not (ENDPOINT_MARK in buf and buf.find(b"\r\n\r\n", buf.find(ENDPOINT_MARK)) >= 0):
@@ -131,6 +134,131 @@ async def open_many(port: int, target: str, count: int, concurrency: int, time_l
             return await RawSession.open(port, target, time_limit)
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+# -- resumption --------------------------------------------------------------------------------
+
+
+def dechunk(raw: bytes) -> bytes:
+    """The payload of the complete HTTP/1.1 chunks at the start of ``raw`` (a body in chunked
+    transfer coding); an incomplete last chunk is left out."""
+    out: list[bytes] = []
+    pos = 0
+    while True:
+        eol = raw.find(b"\r\n", pos)
+        if eol < 0:
+            break
+        size = int(raw[pos:eol].split(b";", 1)[0], 16)
+        end = eol + 2 + size
+        if size == 0 or len(raw) < end + 2:
+            break
+        out.append(raw[eol + 2 : end])
+        pos = end + 2
+    return b"".join(out)
+
+
+def split_response(raw: bytes) -> tuple[bytes, bytes]:
+    """(head, decoded body so far) of a raw HTTP/1.1 response."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return raw, b""
+    return head, dechunk(rest) if b"transfer-encoding: chunked" in head.lower() else rest
+
+
+def sse_events(body: bytes) -> list[dict[str, str]]:
+    """The complete events of a decoded SSE body (both servers end lines with CRLF), each as its
+    fields (one ``data:`` line each here); comments (heartbeats) are skipped."""
+    events: list[dict[str, str]] = []
+    for block in body.split(b"\r\n\r\n")[:-1]:
+        fields: dict[str, str] = {}
+        for line in block.split(b"\r\n"):
+            if not line or line.startswith(b":"):
+                continue
+            name, _, value = line.partition(b":")
+            fields[name.decode()] = value.removeprefix(b" ").decode()
+        if fields:
+            events.append(fields)
+    return events
+
+
+async def read_first_message(port: int, target: str, time_limit: float) -> dict[str, Any]:
+    """GET ``target``, read until the first ``message`` event is complete, then drop the connection
+    (abort, as a client whose network went away). Returns the endpoint event's URL and the message
+    event's fields (no ``id`` where the server sends none)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), time_limit)
+    raw = b""
+    events: list[dict[str, str]] = []
+    try:
+        writer.write(_request(port, target))
+        async with asyncio.timeout(time_limit):
+            while not any(e.get("event") == "message" for e in events):
+                chunk = await reader.read(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed before the first message event: {raw[:200]!r}")
+                raw += chunk
+                events = sse_events(split_response(raw)[1])
+    finally:
+        with suppress(Exception):
+            writer.transport.abort()
+    if not raw.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"unexpected response {raw[:100]!r}")
+    endpoints = [e["data"] for e in events if e.get("event") == "endpoint"]
+    if not endpoints:
+        raise RuntimeError(f"no endpoint event before the first message: {raw[:300]!r}")
+    return {"endpoint": endpoints[0], "message": next(e for e in events if e.get("event") == "message")}
+
+
+class _ReplayCounter(_Counter):
+    """A ``_Counter`` that also notes when the first ``message`` event arrived, and keeps every
+    byte so the stream can be checked afterwards (not while timing)."""
+
+    def __init__(self, n: int, done: asyncio.Future[float], first: asyncio.Future[float]) -> None:
+        super().__init__(n, done)
+        self.first = first
+        self.chunks: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.chunks.append(data)
+        super().data_received(data)
+        if self.count and not self.first.done():
+            self.first.set_result(now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.first.done():
+            self.first.set_exception(ConnectionError(f"closed before the first replayed event ({exc})"))
+        super().connection_lost(exc)
+
+
+async def resume_run(port: int, target: str, last_event_id: str, n: int, time_limit: float) -> dict[str, Any]:
+    """Reconnect to ``target`` with ``Last-Event-ID`` and count ``message`` events until ``n``
+    arrived. Times from opening the new connection (connect, then the request) to the first
+    replayed event and to the n-th; then 100 ms more of listening, so that an event beyond the
+    n-th would show up in the returned ``events`` (every event of the stream, parsed)."""
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[float] = loop.create_future()
+    done: asyncio.Future[float] = loop.create_future()
+    start = time.perf_counter()
+    transport, proto = await asyncio.wait_for(
+        loop.create_connection(lambda: _ReplayCounter(n, done, first), "127.0.0.1", port), time_limit
+    )
+    try:
+        transport.write(_request(port, target, {"Last-Event-ID": last_event_id}))
+        async with asyncio.timeout(time_limit):
+            first_at = await first
+            done_at = await done
+        await asyncio.sleep(0.1)
+    finally:
+        transport.close()
+    raw = b"".join(proto.chunks)
+    if not raw.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"unexpected response {raw[:100]!r}")
+    return {
+        "first_s": first_at - start,
+        "all_s": done_at - start,
+        "wire_bytes": len(raw),
+        "events": sse_events(split_response(raw)[1]),
+    }
 
 
 async def http_get_json(port: int, target: str, time_limit: float) -> Any:
