@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import httpx2
 import pytest
 
 from mcp_sse_transport import (
@@ -31,7 +30,7 @@ from mcp_sse_transport import (
 )
 from mcp_sse_transport.events import HEARTBEAT
 
-from ._timers import quiet_config
+from ._handlers import parse, quiet_config
 
 pytestmark = pytest.mark.anyio
 
@@ -148,17 +147,6 @@ class Outcome:
             self.error = exc
         finally:
             self.done.set()
-
-
-def parse(data: bytes) -> list[httpx2.ServerSentEvent]:
-    """Events as the SDK's client parser (httpx2's) reads them."""
-    response = httpx2.Response(
-        200,
-        headers={"content-type": "text/event-stream"},
-        content=data,
-        request=httpx2.Request("GET", "http://testserver/sse"),
-    )
-    return list(httpx2.EventSource(response, max_event_size=None))
 
 
 def message(n: int, data: str, event: str | None = "message") -> bytes:

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.lowlevel
-import httpx2
 import pytest
 
 from mcp_sse_transport import ErrorCode, SessionHandler, SessionRegistry, SessionState
 
-from ._timers import quiet_config
+from ._handlers import parse, quiet_config
 
 pytestmark = pytest.mark.anyio
 
@@ -45,16 +44,6 @@ class GatedSink:
     async def __call__(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
         await self.gate.wait()
-
-
-def parse(data: bytes) -> list[httpx2.ServerSentEvent]:
-    response = httpx2.Response(
-        200,
-        headers={"content-type": "text/event-stream"},
-        content=data,
-        request=httpx2.Request("GET", "http://testserver/sse"),
-    )
-    return list(httpx2.EventSource(response))
 
 
 def test_add_get_discard() -> None:

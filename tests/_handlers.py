@@ -1,6 +1,8 @@
-"""Configs whose timers stay out of the way unless a test sets them."""
+"""Helpers for tests that drive a session handler without sockets."""
 
 from __future__ import annotations
+
+import httpx2
 
 from mcp_sse_transport import SseConfig
 
@@ -18,3 +20,14 @@ def quiet_config(**overrides: object) -> SseConfig:
     }
     values.update(overrides)
     return SseConfig(**values)  # type: ignore[arg-type]
+
+
+def parse(data: bytes) -> list[httpx2.ServerSentEvent]:
+    """Events as the SDK's client parser (httpx2's) reads them."""
+    response = httpx2.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content=data,
+        request=httpx2.Request("GET", "http://testserver/sse"),
+    )
+    return list(httpx2.EventSource(response))
