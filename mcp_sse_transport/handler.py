@@ -153,9 +153,10 @@ class SessionHandler:
         self._final: bytes | None = None
         self._state = SessionState.OPEN
         self._failure: tuple[type[anyio.BrokenResourceError], str] | None = None
-        # Created when first waited on: an idle session should cost little.
         self._idle_scope: anyio.CancelScope | None = None
+        """The writer's wait while idle: producers cancel it to wake the writer."""
         self._changed: anyio.Event | None = None
+        """Created when first waited on: an idle session should cost little."""
         self._yielded_at = 0.0
         self._connection: Attachment | None = None
         self._connections = 0
@@ -224,12 +225,12 @@ class SessionHandler:
         grant = self._ledger.request(size)
         if grant.granted:
             return grant
-        woken = anyio.Event()
-        grant.on_grant = woken.set
         if self.config.slow_consumer_policy == "disconnect":
             self._ledger.withdraw(grant)
             self._evict("the buffer was full")
             raise self._error()
+        woken = anyio.Event()
+        grant.on_grant = woken.set
         try:
             with anyio.fail_after(self.config.grant_timeout):
                 await woken.wait()
