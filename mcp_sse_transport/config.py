@@ -60,6 +60,11 @@ class SseConfig:
     replay_max_age: float = 300.0
     """Seconds the in-memory replay log keeps an event: ten times the grace period."""
 
+    max_sessions: int | None = 10_000
+    """Sessions open at once, detached ones included; a GET that would open one more gets 503
+    "Too many open sessions" (with ``Retry-After``) and no open session is touched. The SDK's
+    Streamable HTTP manager caps at the same 10,000. ``None``: no cap."""
+
     def __post_init__(self) -> None:
         for name in ("max_buffered_events", "max_buffered_bytes", "replay_max_events", "replay_max_bytes"):
             value = getattr(self, name)
@@ -73,6 +78,10 @@ class SseConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        if self.max_sessions is not None and (
+            not isinstance(self.max_sessions, int) or isinstance(self.max_sessions, bool) or self.max_sessions < 1
+        ):
+            raise ValueError(f"max_sessions must be a positive integer or None, got {self.max_sessions!r}")
         if self.slow_consumer_policy not in ("block", "disconnect"):
             raise ValueError(f"slow_consumer_policy must be 'block' or 'disconnect', got {self.slow_consumer_policy!r}")
 

@@ -241,16 +241,16 @@ class SseServerTransport:
         A GET with ``Last-Event-ID`` (header, or the ``last_event_id`` query parameter) resumes
         that session: the session's server is already running, so the yielded streams are at end
         of stream and ``Server.run`` returns at once, while the stream is served until it ends.
-        Raises ValueError, after answering the request itself, when it fails the Host/Origin
-        checks (421/403) or arrives during shutdown (503).
+        Raises ValueError (:class:`RequestRejected`), after answering the request itself, when it
+        fails the Host/Origin checks (421/403), arrives during shutdown (503), or would open a
+        session past ``max_sessions`` (503).
         """
         if scope["type"] != "http":
             raise ValueError("connect_sse can only handle HTTP requests")
         request = Request(scope, receive)
         error_response = await self._security.validate_request(request, is_post=False)
         if error_response is None and self._registry.shutting_down:
-            retry_after = str(max(1, round(self._config.retry_interval)))
-            error_response = Response("Server shutting down", status_code=503, headers={"Retry-After": retry_after})
+            error_response = self._unavailable("Server shutting down")
         if error_response is not None:
             await error_response(scope, receive, send)
             raise RequestRejected("Request validation failed")
@@ -275,6 +275,12 @@ class SseServerTransport:
                 return
             logger.info("resume refused: Last-Event-ID names no resumable session")
             preface = encode_error(ErrorCode.RESUME_UNKNOWN, "Unknown or expired Last-Event-ID; a new session starts")
+
+        limit = self._config.max_sessions
+        if limit is not None and len(self._registry) >= limit:
+            logger.warning("refused a session: %d open, the limit", limit)
+            await self._unavailable("Too many open sessions")(scope, receive, send)
+            raise RequestRejected("Too many open sessions")
 
         session_id = uuid4().hex
         inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
@@ -305,6 +311,10 @@ class SseServerTransport:
             inbound.close()
             read_stream.close()
             await self._store.drop(session_id)
+
+    def _unavailable(self, reason: str) -> Response:
+        retry_after = str(max(1, round(self._config.retry_interval)))
+        return Response(reason, status_code=503, headers={"Retry-After": retry_after})
 
     async def _find_resumable(self, last_event_id: str, scope: Scope) -> tuple[_Session, str] | None:
         """The session and token a Last-Event-ID resumes, if this credential may resume it."""

@@ -388,3 +388,27 @@ async def test_lifespan_shutdown_ends_streams_with_the_shutdown_event_and_termin
             assert raw.ended
             refused = await http.get("/sse")
             assert refused.status_code == 503
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+async def test_sessions_past_the_cap_get_503_and_open_ones_are_untouched() -> None:
+    config = SseConfig(max_sessions=2, retry_interval=2)
+    with anyio.fail_after(20):
+        async with serving(sse_app(lowlevel_server(), transport_security=OPEN, config=config)) as base:
+            async with (
+                RawSseStream.open(base) as first,
+                RawSseStream.open(base) as second,
+                httpx2.AsyncClient(base_url=base) as http,
+            ):
+                first_post = await initialize(first, http)
+                await initialize(second, http)
+                refused = await http.get("/sse")
+                assert (refused.status_code, refused.text) == (503, "Too many open sessions")
+                assert refused.headers["retry-after"] == "2"
+                assert (
+                    await http.post(first_post, json={"jsonrpc": "2.0", "id": 5, "method": "ping"})
+                ).status_code == 202
+                pong = await first.next_event()
+                assert pong is not None and pong.json() == {"jsonrpc": "2.0", "id": 5, "result": {}}
