@@ -30,11 +30,11 @@ def free_socket() -> socket.socket:
 
 
 @asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[str]:
+async def serving(app: ASGIApp, log_level: str = "warning") -> AsyncIterator[str]:
     """Run ``app`` on a real uvicorn (the library's own server setup); yields its base URL."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    server = uvicorn_server(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")  # type: ignore[arg-type]
+    server = uvicorn_server(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="on")  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: server.serve(sockets=[sock]))
         try:
