@@ -2,7 +2,8 @@
 
 Runs, alternating between the two transports each round: (1) transport alone, events/s by event
 size; (2) full stack, notifications/s through the SDK client; (3) a stalled client: memory, producer
-release, another session's latency; (4) idle sessions, server RSS per session. Prints a table,
+release, another session's latency; (4) idle sessions, server RSS per session; (5) resumption (ours
+only): reconnect to first replayed event, replay throughput, memory held. Prints a table,
 writes every sample to bench/results/<timestamp>.json (and latest.json), and regenerates
 docs/benchmarks.md and its plots. See bench/README.md.
 """
@@ -24,7 +25,7 @@ from .procs import REPO
 from .report import console_table, machine_info, write_docs
 from .server import raise_fd_limit
 
-SECTIONS = ("transport", "fullstack", "stalled", "idle")
+SECTIONS = ("transport", "fullstack", "stalled", "idle", "resume")
 RESULTS = REPO / "bench" / "results"
 
 
@@ -62,6 +63,7 @@ async def run_all(plan: runner.Plan, sections: list[str], logdir: Path) -> dict[
         "fullstack": runner.bench_fullstack,
         "stalled": runner.bench_stalled,
         "idle": runner.bench_idle,
+        "resume": runner.bench_resume,
     }
     for name in sections:
         runner.log(f"== {name}")

@@ -216,9 +216,12 @@ class _ReplayCounter(_Counter):
         super().__init__(n, done)
         self.first = first
         self.chunks: list[bytes] = []
+        self.head_at: float | None = None
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
+        if self.head_at is None:
+            self.head_at = now
         self.chunks.append(data)
         super().data_received(data)
         if self.count and not self.first.done():
@@ -234,7 +237,8 @@ async def resume_run(port: int, target: str, last_event_id: str, n: int, time_li
     """Reconnect to ``target`` with ``Last-Event-ID`` and count ``message`` events until ``n``
     arrived. Times from opening the new connection (connect, then the request) to the first
     replayed event and to the n-th; then 100 ms more of listening, so that an event beyond the
-    n-th would show up in the returned ``events`` (every event of the stream, parsed)."""
+    n-th would show up in the returned ``events`` (every event of the stream, parsed). ``head_s``
+    is when the first bytes (the response head) arrived."""
     loop = asyncio.get_running_loop()
     first: asyncio.Future[float] = loop.create_future()
     done: asyncio.Future[float] = loop.create_future()
@@ -249,11 +253,15 @@ async def resume_run(port: int, target: str, last_event_id: str, n: int, time_li
             done_at = await done
         await asyncio.sleep(0.1)
     finally:
+        for future in (first, done):  # after a timeout: nothing left for connection_lost to set
+            if not future.done():
+                future.cancel()
         transport.close()
     raw = b"".join(proto.chunks)
     if not raw.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"unexpected response {raw[:100]!r}")
     return {
+        "head_s": (proto.head_at or first_at) - start,
         "first_s": first_at - start,
         "all_s": done_at - start,
         "wire_bytes": len(raw),

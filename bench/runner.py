@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .client import RawMcpSession, RawSession, call_progress, http_get_json, open_many, push_run, sdk_client
+from .client import (
+    RawMcpSession,
+    RawSession,
+    call_progress,
+    http_get_json,
+    open_many,
+    push_run,
+    read_first_message,
+    resume_run,
+    sdk_client,
+)
 from .procs import ServerProc
 
 IMPLS = ("stock", "ours")
@@ -37,6 +47,12 @@ class Plan:
     idle_rounds: int = 3
     idle_sessions: int = 1000
     idle_step: int = 100
+    resume_rounds: int = 5
+    # Missed events to replay: at most SseConfig.max_buffered_events (1,000), since a detached
+    # session buffers what its server produces until the resume; more would block the producer.
+    resume_events: int = 1000
+    resume_payload: int = 200
+    resume_warmup_events: int = 50
     settle: float = 0.2
 
     @classmethod
@@ -51,6 +67,7 @@ class Plan:
             baseline_seconds=1.5,
             idle_rounds=1,
             idle_step=250,
+            resume_rounds=2,
         )
 
     def n_events(self, size: int) -> int:
@@ -453,11 +470,153 @@ def summarize_idle(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
     return summary
 
 
+# -- 5. resumption -----------------------------------------------------------------------------
+
+MAX_BUFFERED_EVENTS = 1000  # SseConfig's default, which the bench server keeps
+
+
+def _session_id(endpoint: str) -> str:
+    return endpoint.rpartition("session_id=")[2]
+
+
+async def _resume_cycle(proc: ServerProc, n: int, size: int, time_limit: float = 30) -> dict[str, Any]:
+    """Open a session, read its first event and drop; once the server noticed, it pushes ``n``
+    events into the detached session; then resume from the first event's id and time the replay."""
+    tag = uuid.uuid4().hex
+    target = f"/replay?tag={tag}&n={n}&size={size}"
+    first = await read_first_message(proc.port, target, time_limit)
+    last_id = first["message"].get("id")
+    if last_id is None:
+        raise RuntimeError(f"{proc.impl}: the first event has no id: {first['message']}")
+    session_id = _session_id(first["endpoint"])
+    rss0 = proc.rss_kib()
+    go = await http_get_json(proc.port, f"/replay/go?tag={tag}&session={session_id}", time_limit + 5)
+    if go.get("error") or go.get("sent") != n:
+        raise RuntimeError(f"{proc.impl}: the producer did not push {n} events into the detached session: {go}")
+    rss_held = proc.rss_kib()  # the go answer came after the last send: nothing more to wait for
+    cpu0 = proc.cpu_seconds()
+    result = await resume_run(proc.port, target, last_id, n, time_limit)
+    cpu = proc.cpu_seconds() - cpu0
+    await asyncio.sleep(0.2)
+    rss_after = proc.rss_kib()
+
+    # Exactly once, in order, right after the id the client saw, behind the same endpoint event.
+    events = result.pop("events")
+    prefix, _, token = last_id.rpartition(":")
+    expected = [f"{prefix}:{int(token) + k}" for k in range(1, n + 1)]
+    ids = [e.get("id") for e in events if e.get("event") == "message"]
+    kinds = [e.get("event") for e in events]
+    if kinds[:1] != ["endpoint"] or events[0].get("data") != first["endpoint"]:
+        raise RuntimeError(f"the resumed stream does not start with the same endpoint event: {events[:1]}")
+    if ids != expected or set(kinds) != {"endpoint", "message"}:
+        raise RuntimeError(
+            f"replay mismatch: {len(ids)} message events (expected {n}), first {ids[:1]}, last {ids[-1:]}, "
+            f"expected {expected[0]}..{expected[-1]}; event kinds {sorted({str(k) for k in kinds})}"
+        )
+    return {
+        **result,
+        "events": n,
+        "payload_bytes": size,
+        "events_per_s": n / result["all_s"],
+        "server_cpu_s": cpu,
+        "produce_s": go["produce_s"],
+        "detach_wait_s": go["detach_wait_s"],
+        "rss_before_kib": rss0,
+        "rss_held_growth_kib": rss_held - rss0,
+        "rss_after_replay_growth_kib": rss_after - rss0,
+    }
+
+
+async def _stock_probe(plan: Plan, logdir: Path) -> dict[str, Any]:
+    """What stock offers a reconnecting client: its events carry no id, and a GET with a
+    Last-Event-ID (the session's, made up, since stock sends none) opens a new session."""
+    proc = ServerProc("stock", [], logdir / "resume-stock.log")
+    await proc.start()
+    try:
+        first = await read_first_message(proc.port, f"/replay?tag={uuid.uuid4().hex}&n=0&size=200&wait=5", 10)
+        old = _session_id(first["endpoint"])
+        again = await RawSession.open(proc.port, "/idle", 10, headers={"Last-Event-ID": f"{old}:1"})
+        again.close()
+    finally:
+        await proc.stop()
+    return {
+        "impl": "stock",
+        "probe": True,
+        "event_has_id": "id" in first["message"],
+        "reconnect_same_session": _session_id(again.endpoint) == old,
+    }
+
+
+async def bench_resume(plan: Plan, logdir: Path) -> dict[str, Any]:
+    if plan.resume_events > MAX_BUFFERED_EVENTS:
+        raise ValueError(f"resume_events must be <= {MAX_BUFFERED_EVENTS} (the session buffer's default)")
+    runs: list[dict[str, Any]] = []
+    probe = await _stock_probe(plan, logdir)
+    runs.append(probe)
+    log(
+        f"resume     stock  events carry an id: {'yes' if probe['event_has_id'] else 'no'}; a reconnect with "
+        f"Last-Event-ID gets {'the same' if probe['reconnect_same_session'] else 'a new'} session: no resumption"
+    )
+    for round_no in range(plan.resume_rounds):
+        # A fresh server per round, so the RSS growth is not hidden by memory an earlier round freed.
+        proc = ServerProc("ours", [], logdir / "resume-ours.log")
+        await proc.start()
+        try:
+            await _resume_cycle(proc, plan.resume_warmup_events, plan.resume_payload)  # warm-up, discarded
+            await asyncio.sleep(plan.settle)
+            result = await _resume_cycle(proc, plan.resume_events, plan.resume_payload)
+        finally:
+            await proc.stop()
+        runs.append({"impl": "ours", "round": round_no, **result})
+        log(
+            f"resume     round {round_no + 1}/{plan.resume_rounds}  ours   first replayed event after "
+            f"{result['first_s'] * 1000:.2f} ms, all {result['events']:,} after {result['all_s'] * 1000:.1f} ms "
+            f"({result['events_per_s']:,.0f} events/s); RSS +{result['rss_held_growth_kib']:,} KiB held"
+        )
+    return {"runs": runs, "summary": summarize_resume(runs, plan)}
+
+
+def summarize_resume(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    ours = [r for r in runs if r["impl"] == "ours"]
+    probe = next((r for r in runs if r["impl"] == "stock"), None)
+
+    def spread(key: str, scale: float = 1.0) -> dict[str, float | None]:
+        values = [r[key] * scale for r in ours if r.get(key) is not None]
+        return {
+            "median": median(values),
+            "min": min(values) if values else None,
+            "max": max(values) if values else None,
+        }
+
+    return {
+        "events": plan.resume_events,
+        "payload_bytes": plan.resume_payload,
+        "rounds": len(ours),
+        "ours": {
+            "first_event_ms": spread("first_s", 1000),
+            "all_events_ms": spread("all_s", 1000),
+            "first_to_all_ms": median([(r["all_s"] - r["first_s"]) * 1000 for r in ours]),
+            "events_per_s": spread("events_per_s"),
+            "head_ms": spread("head_s", 1000),
+            "server_cpu_us_per_event": median([r["server_cpu_s"] / r["events"] * 1e6 for r in ours]),
+            "wire_bytes": median([r["wire_bytes"] for r in ours]),
+            "produce_ms": median([r["produce_s"] * 1000 for r in ours]),
+            "detach_wait_ms": median([r["detach_wait_s"] * 1000 for r in ours]),
+            "rss_held_growth_kib": spread("rss_held_growth_kib"),
+            "rss_after_replay_growth_kib": median([r["rss_after_replay_growth_kib"] for r in ours]),
+        },
+        "stock": None
+        if probe is None
+        else {"event_has_id": probe["event_has_id"], "reconnect_same_session": probe["reconnect_same_session"]},
+    }
+
+
 SUMMARIZERS = {
     "transport": summarize_transport,
     "fullstack": summarize_fullstack,
     "stalled": summarize_stalled,
     "idle": summarize_idle,
+    "resume": summarize_resume,
 }
 
 

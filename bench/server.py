@@ -12,6 +12,15 @@ uvicorn (h11, asyncio loop, no access log) until SIGTERM. The app is the same fo
 - ``GET /floor``              no transport at all: a bare ASGI streaming response that sends one
                               endpoint-like event and waits for the disconnect. The per-connection
                               memory floor of uvicorn + h11 + Starlette routing, for reference.
+- ``GET /replay?tag=T&n=N&size=S``
+                              resumption: send one notification, wait until ``/replay/go`` says the
+                              client is gone, push N notifications of S bytes into the detached
+                              session, then hold it open. The same GET with ``Last-Event-ID`` is a
+                              resume (ours: ``connect_sse`` replays; the body does nothing).
+- ``GET /replay/go?tag=T&session=I``
+                              wait until session I (its id from the endpoint URL) has no connection
+                              attached (ours; stock has no such state), start T's push and answer,
+                              as JSON, once all N are in the session.
 - ``GET /sse``                a full SDK lowlevel ``Server`` (tool ``progress``, ping).
 - ``/messages/``              the transport's POST endpoint.
 - ``GET /stats?tag=T``        the flood producer's progress, as JSON.
@@ -141,6 +150,75 @@ class Flood:
         }
 
 
+@dataclasses.dataclass
+class ReplayRun:
+    """One ``/replay`` session's producer."""
+
+    n: int
+    go: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    sent: int = 0
+    seconds: float | None = None
+    error: str | None = None
+
+
+class Replays:
+    """The ``/replay`` producers by the client's tag, and the side channel that starts each push
+    once its client has gone and tells the client when all N events are in the session."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, ReplayRun] = {}
+
+    async def run(self, tag: str, write: Any, n: int, size: int, time_limit: float) -> None:
+        message = make_message(size)
+        run = self.runs[tag] = ReplayRun(n)
+        try:
+            await write.send(SessionMessage(message))  # the one event the client reads before it drops
+            with anyio.move_on_after(time_limit):
+                await run.go.wait()
+            if not run.go.is_set():
+                run.error = "no go"
+                return
+            start = time.perf_counter()
+            with anyio.fail_after(time_limit):
+                for _ in range(n):
+                    await write.send(SessionMessage(message))
+                    run.sent += 1
+            run.seconds = time.perf_counter() - start
+        except (*_CLOSED, TimeoutError) as exc:
+            run.error = type(exc).__name__
+        finally:
+            run.done.set()
+
+    async def go(self, tag: str, attached: Callable[[], bool | None] | None, time_limit: float) -> dict[str, Any]:
+        """Wait until the session is detached (``attached()`` False; None: no such session), then
+        start the push and wait for it to finish; every wait bounded by ``time_limit``."""
+        start = time.perf_counter()
+        run = self.runs.get(tag)  # registered before the first event, which the client has read
+        if run is None:
+            return {"error": f"no /replay session with tag {tag}"}
+        state: bool | None = False
+        if attached is not None:  # polled: the transport offers no event for a detach
+            for _ in range(max(1, round(time_limit / 0.002))):
+                state = attached()
+                if state is not True:
+                    break
+                await anyio.sleep(0.002)
+        if state is not False:
+            return {"error": "the session is gone" if state is None else "the session is still attached"}
+        detach_wait = time.perf_counter() - start
+        run.go.set()
+        with anyio.move_on_after(time_limit):
+            await run.done.wait()
+        return {
+            "n": run.n,
+            "sent": run.sent,
+            "produce_s": run.seconds,
+            "error": run.error if run.done.is_set() else "push not done",
+            "detach_wait_s": detach_wait,
+        }
+
+
 def _query(scope: Scope) -> dict[str, str]:
     from urllib.parse import parse_qsl
 
@@ -168,6 +246,7 @@ def build_app(impl: str, grant_timeout: float | None, write_timeout: float | Non
 
     mcp_server = make_lowlevel_server()
     flood = Flood()
+    replays = Replays()
 
     async def push(scope: Scope, read: Any, write: Any) -> None:
         q = _query(scope)
@@ -191,6 +270,26 @@ def build_app(impl: str, grant_timeout: float | None, write_timeout: float | Non
                 pass
         except _CLOSED:
             pass
+
+    async def replay_body(scope: Scope, read: Any, write: Any) -> None:
+        if any(name == b"last-event-id" for name, _ in scope["headers"]):
+            return  # a resume: ours replays by itself, and this session's producer runs elsewhere
+        q = _query(scope)
+        await replays.run(q["tag"], write, int(q["n"]), int(q["size"]), float(q.get("wait", 60)))
+        await idle(scope, read, write)  # the server keeps the session open, waiting for its client
+
+    def session_attached(session_id: str) -> Callable[[], bool | None] | None:
+        statistics = getattr(transport, "statistics", None)  # ours only
+        if statistics is None:
+            return None
+
+        def attached() -> bool | None:
+            for session in statistics().sessions:
+                if session_id.startswith(session.session):  # statistics show the first 8 hex digits
+                    return bool(session.attached)
+            return None
+
+        return attached
 
     async def full(scope: Scope, read: Any, write: Any) -> None:
         await mcp_server.run(read, write, mcp_server.create_initialization_options())
@@ -232,10 +331,17 @@ def build_app(impl: str, grant_timeout: float | None, write_timeout: float | Non
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse(flood.stats(request.query_params.get("tag", "")))
 
+    async def replay_go(request: Request) -> JSONResponse:
+        q = request.query_params
+        attached = session_attached(q.get("session", ""))
+        return JSONResponse(await replays.go(q.get("tag", ""), attached, float(q.get("wait", 30))))
+
     routes = [
         Route("/push", endpoint=endpoint(push), methods=["GET"]),
         Route("/flood", endpoint=endpoint(flood_body), methods=["GET"]),
         Route("/idle", endpoint=endpoint(idle), methods=["GET"]),
+        Route("/replay", endpoint=endpoint(replay_body), methods=["GET"]),
+        Route("/replay/go", endpoint=replay_go, methods=["GET"]),
         Route("/sse", endpoint=endpoint(full), methods=["GET"]),
         Route("/floor", endpoint=Floor(), methods=["GET"]),
         Route("/stats", endpoint=stats, methods=["GET"]),
