@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 import httpx2
@@ -114,3 +115,44 @@ async def test_no_server_log_record_carries_a_whole_session_id(caplog: pytest.Lo
     assert any(session_id[:8] in message for message in messages), "the session is logged, by its tag"
     assert any("POST /messages/?session_id=" in message for message in messages), "the access log was seen"
     assert not [message for message in messages if session_id in message or "f" * 32 in message]
+
+
+last_event_ids = st.one_of(
+    st.text(max_size=200),
+    st.text(alphabet="0123456789abcdef:", min_size=30, max_size=80),
+    st.builds(lambda n: "0" * 32 + f":{n}", st.integers(min_value=0, max_value=10**30)),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=last_event_ids)
+async def test_arbitrary_last_event_ids_never_reach_another_session(value: str) -> None:
+    with anyio.fail_after(20):
+        async with serving(sse_app(lowlevel_server(), transport_security=OPEN)) as base:
+            async with RawSseStream.open(base) as victim, httpx2.AsyncClient(base_url=base) as http:
+                victim_session = (await initialize(victim, http)).split("session_id=")[1]
+                # As a query parameter: header values are limited to what HTTP allows.
+                async with RawSseStream.open(base, path=f"/sse?{_query(value)}") as raw:
+                    first = await raw.next_event()
+                    assert first is not None
+                    if first.event == "error":
+                        assert first.json()["code"] == ErrorCode.RESUME_UNKNOWN
+                        first = await raw.next_event()
+                    assert first is not None and first.event == "endpoint"
+                    assert victim_session not in first.data
+
+
+def _query(value: str) -> str:
+    return urlencode({"last_event_id": value})
+
+
+async def test_local_hosts_get_dns_rebinding_protection_by_default() -> None:
+    with anyio.fail_after(20):
+        async with serving(sse_app(lowlevel_server())) as base, httpx2.AsyncClient(base_url=base) as http:
+            rebound = await http.get("/sse", headers={"Host": "attacker.example"})
+            assert (rebound.status_code, rebound.text) == (421, "Invalid Host header")
+            foreign = await http.get("/sse", headers={"Origin": "http://attacker.example"})
+            assert (foreign.status_code, foreign.text) == (403, "Invalid Origin header")
+            async with RawSseStream.open(base) as allowed:
+                endpoint = await allowed.next_event()
+                assert endpoint is not None and endpoint.event == "endpoint"
