@@ -20,10 +20,11 @@ from .handler import Attachment, SessionHandler, SessionState, SessionStatistics
 from .ids import format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
 from .serving import H11Protocol, run, sse_app, uvicorn_server
-from .store import EventStore, InMemoryEventStore, Replay, StoredEvent
+from .store import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay, StoredEvent
 from .transport import RequestRejected, SseServerTransport
 
 __all__ = [
+    "BEFORE_FIRST",
     "Attachment",
     "ConnectionLostError",
     "CreditLedger",

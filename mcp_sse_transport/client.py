@@ -179,13 +179,19 @@ async def resumable_sse_client(
                     except httpx2.HTTPError as exc:
                         logger.warning("POST outcome unknown (%s)", type(exc).__name__)
 
-        async with anyio.create_task_group() as tg:
-            await tg.start(reader)
-            tg.start_soon(post_writer)
-            try:
-                yield read_stream, write_stream
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(reader)
+                tg.start_soon(post_writer)
+                try:
+                    yield read_stream, write_stream
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Never connected: raise what the first connection raised, as the SDK's client does.
+            if state.endpoint is None and len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
 
 async def _deliver(read_writer: ContextSendStream[SessionMessage | Exception], message: types.JSONRPCMessage) -> None:

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Protocol, runtime_checkable
 
-__all__ = ["EventStore", "InMemoryEventStore", "Replay", "StoredEvent"]
+__all__ = ["BEFORE_FIRST", "EventStore", "InMemoryEventStore", "Replay", "StoredEvent"]
+
+BEFORE_FIRST = "0"
+"""The token that stands before a session's first event: replaying after it replays everything."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +51,8 @@ class EventStore(Protocol):
     async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
         """Events after ``after`` up to and including ``until`` (``None``: the newest).
 
-        ``None`` when the session is unknown or expired, or ``after`` is not a token this store
-        issued for it.
+        ``None`` when the session is unknown or expired, or ``after`` is neither a token this
+        store issued for it nor :data:`BEFORE_FIRST`.
         """
         ...
 
@@ -124,6 +127,8 @@ class InMemoryEventStore:
 
     async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
         log = self._logs.get(session_id)
+        if log is None and after == BEFORE_FIRST:
+            return Replay([], gap=False)
         if log is None or not after.isdigit() or len(after) > 20:
             return None
         after_seq = int(after)

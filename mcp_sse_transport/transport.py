@@ -35,9 +35,9 @@ from .config import SseConfig
 from .errors import ErrorCode
 from .events import encode_error, encode_event, error_body
 from .handler import SessionHandler, session_tag
-from .ids import parse_event_id
+from .ids import format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
-from .store import EventStore, InMemoryEventStore
+from .store import BEFORE_FIRST, EventStore, InMemoryEventStore
 
 __all__ = ["RequestRejected", "SseServerTransport"]
 
@@ -269,7 +269,7 @@ class SseServerTransport:
             if resumed is not None:
                 session, token = resumed
                 async with anyio.create_task_group() as tg:
-                    preface = self._endpoint_event(scope, session)
+                    preface = self._endpoint_event(scope, session, first=False)
                     tg.start_soon(partial(stream_session, session.handler, scope, receive, send, preface, after=token))
                     yield _ended_streams()
                 return
@@ -289,7 +289,7 @@ class SseServerTransport:
         logger.debug("session %s opened", session.handler.tag)
         # Attached before the server can write, so nothing it writes is taken for a detached session.
         attachment = session.handler.attach()
-        preface += self._endpoint_event(scope, session)
+        preface += self._endpoint_event(scope, session, first=True)
 
         async def serve_stream() -> None:
             try:
@@ -325,15 +325,22 @@ class SseServerTransport:
         session = self._registry.get(session_id)
         if session is None or session.handler.ended or _owner(scope) != session.owner:
             return None
-        if await self._store.replay(session_id, token, until=token) is None:  # valid, without the events
-            return None
+        if token != BEFORE_FIRST and await self._store.replay(session_id, token, until=token) is None:
+            return None  # (validated without reading the events)
         logger.info("session %s: resuming", session.handler.tag)
         return session, token
 
-    def _endpoint_event(self, scope: Scope, session: _Session) -> bytes:
+    def _endpoint_event(self, scope: Scope, session: _Session, *, first: bool) -> bytes:
+        """The ``endpoint`` event. A new session's carries the id ``<session>:0``, "before the first
+        event", so a client that drops before any message can still resume; a resume's carries
+        none, so the client keeps the id it resumed from."""
         path = quote(scope.get("root_path", "").rstrip("/") + self._endpoint)
+        session_id = session.handler.session_id
         return encode_event(
-            f"{path}?session_id={session.handler.session_id}", event="endpoint", retry=self._config.retry_ms
+            f"{path}?session_id={session_id}",
+            event="endpoint",
+            id=format_event_id(session_id, BEFORE_FIRST) if first else None,
+            retry=self._config.retry_ms,
         )
 
     async def handle_post_message(self, scope: Scope, receive: Receive, send: Send) -> None:

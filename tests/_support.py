@@ -186,9 +186,11 @@ class CuttingProxy:
     """A TCP proxy on 127.0.0.1 whose open connections a test can cut at any moment, as a
     network drop would: both sides are shut down, whatever was in flight is lost."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, streams_only: bool = False) -> None:
         host, port = upstream.removeprefix("http://").split(":")
         self._upstream = (host, int(port))
+        self._streams_only = streams_only
+        """Cut only connections that opened with a GET (event streams), never a POST in flight."""
         self._pairs: set[tuple[anyio.abc.SocketStream, anyio.abc.SocketStream]] = set()
         self.cuts = 0
 
@@ -206,8 +208,15 @@ class CuttingProxy:
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
         upstream = await anyio.connect_tcp(*self._upstream)
         pair = (client, upstream)
-        self._pairs.add(pair)
         try:
+            first = await client.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            await upstream.aclose()
+            return
+        if not self._streams_only or first.startswith(b"GET "):
+            self._pairs.add(pair)
+        try:
+            await upstream.send(first)
             async with client, upstream, anyio.create_task_group() as tg:
                 tg.start_soon(_pipe, client, upstream, tg.cancel_scope)
                 tg.start_soon(_pipe, upstream, client, tg.cancel_scope)

@@ -1,0 +1,101 @@
+"""A bounded soak: about a minute of constant churn against one server, then flat memory and no
+session, replay log or task left behind. Excluded from the default run: ``pytest -m soak``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from contextlib import AsyncExitStack
+
+import anyio
+import httpx2
+import pytest
+from mcp.client.client import Client
+
+from mcp_sse_transport import SseConfig, sse_app
+from mcp_sse_transport.client import resumable_sse_client
+
+from ._support import CuttingProxy, RawSseStream, serving
+from .test_faults import fault_server
+from .test_integration import OPEN, initialize
+
+pytestmark = [pytest.mark.anyio, pytest.mark.soak]
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+async def test_a_minute_of_churn_leaves_memory_flat_and_nothing_behind() -> None:
+    config = SseConfig(session_grace=5, retry_interval=0.05)
+    app = sse_app(fault_server(), transport_security=OPEN, config=config)
+    transport = app.state.sse_transport
+    rng = random.Random(7)
+    counts = {"raw sessions": 0, "calls": 0, "cuts": 0, "events": 0, "failed connects": 0}
+    samples: list[int] = []
+    with anyio.fail_after(SOAK_SECONDS * 3 + 60):
+        async with serving(app) as base:
+            proxy = CuttingProxy(base, streams_only=True)
+            async with proxy.running() as proxied, httpx2.AsyncClient(base_url=base) as http:
+                deadline = anyio.current_time() + SOAK_SECONDS
+
+                async def raw_churn() -> None:
+                    while anyio.current_time() < deadline:
+                        async with RawSseStream.open(base) as raw:
+                            await initialize(raw, http)
+                            counts["raw sessions"] += 1
+
+                async def calling_client() -> None:
+                    received: list[float] = []
+
+                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                        received.append(progress)
+
+                    while anyio.current_time() < deadline:
+                        exit_stack = AsyncExitStack()
+                        try:
+                            client = await exit_stack.enter_async_context(
+                                Client(resumable_sse_client(f"{proxied}/sse"), mode="legacy")
+                            )
+                        except httpx2.HTTPError:  # cut while connecting: the client reports it, as it should
+                            counts["failed connects"] += 1
+                            continue
+                        async with exit_stack:
+                            for _ in range(rng.randint(1, 5)):
+                                steps = rng.randint(1, 300)
+                                received.clear()
+                                await client.call_tool("stream", {"count": steps}, progress_callback=on_progress)
+                                assert received == list(range(1, steps + 1)), "exactly once, in order"
+                                counts["calls"] += 1
+                                counts["events"] += steps
+
+                async def cutter() -> None:
+                    while anyio.current_time() < deadline:
+                        await anyio.sleep(rng.uniform(0.05, 0.3))  # load generation: when to cut, not a wait
+                        proxy.cut()
+                        counts["cuts"] += 1
+
+                async def sampler() -> None:
+                    while anyio.current_time() < deadline:
+                        samples.append(rss_kib())
+                        await anyio.sleep(1)  # load generation: the sampling period
+
+                async with anyio.create_task_group() as tg:
+                    for task in (raw_churn, raw_churn, calling_client, calling_client, cutter, sampler):
+                        tg.start_soon(task)
+            # Every session ends within its grace period once its clients are gone.
+            for _, session in list(transport._registry.items()):
+                await session.handler.linger()
+            assert transport.statistics().open_sessions == 0
+            assert len(transport._store) == 0
+    tasks_left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    warm = samples[len(samples) // 4 :]
+    growth = (sum(warm[-5:]) / 5 - sum(warm[:5]) / 5) if len(warm) >= 10 else 0
+    print(f"\nsoak: {counts}, RSS samples (KiB) first {warm[:3]} last {warm[-3:]}, growth {growth:.0f} KiB")
+    assert counts["calls"] > 0 and counts["cuts"] > 0 and counts["raw sessions"] > 0
+    assert growth < 8 * 1024, "memory stays flat after warm-up (under 8 MiB drift)"
+    assert tasks_left == [], tasks_left
