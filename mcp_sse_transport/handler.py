@@ -23,7 +23,7 @@ from .errors import ConnectionLostError, ErrorCode, SessionClosedError, SessionE
 from .events import HEARTBEAT, encode_error, encode_event, encode_message
 from .flow import CreditLedger, Grant
 from .ids import format_event_id
-from .store import EventStore, InMemoryEventStore
+from .store import EventStore, InMemoryEventStore, Replay
 
 __all__ = ["Attachment", "Closed", "SessionHandler", "SessionState", "SessionStatistics", "Sink", "session_tag"]
 
@@ -473,8 +473,8 @@ class SessionHandler:
         if cut is None:
             return True
         replay = await self._store.replay(self.session_id, after, cut)
-        if replay is None:
-            return True
+        if replay is None:  # the store lost the session's log since the resume was accepted
+            replay = Replay([], gap=True)
         chunk: list[bytes] = []
         if replay.gap:
             logger.info("session %s: resumed past trimmed events", self.tag)
