@@ -18,6 +18,7 @@ from mcp_sse_transport.client import resumable_sse_client
 
 from ._support import RawSseStream, serving
 from .test_integration import OPEN, initialize
+from .test_resume import call_stream
 
 pytestmark = pytest.mark.anyio
 
@@ -110,13 +111,7 @@ async def test_a_client_reconnecting_in_a_tight_loop_keeps_one_session_and_loses
         async with serving(sse_app(fault_server(), transport_security=OPEN)) as base:
             async with RawSseStream.open(base) as first, httpx2.AsyncClient(base_url=base) as http:
                 post_url = await initialize(first, http)
-                call = {
-                    "jsonrpc": "2.0",
-                    "id": 1,
-                    "method": "tools/call",
-                    "params": {"name": "stream", "arguments": {"count": 400}, "_meta": {"progressToken": "p"}},
-                }
-                assert (await http.post(post_url, json=call)).status_code == 202
+                assert (await http.post(post_url, json=call_stream(400))).status_code == 202
                 first_event = await first.next_event()
                 assert first_event is not None and first_event.id is not None
                 last_id, seen = first_event.id, [first_event.json()["params"]["progress"]]
@@ -153,13 +148,7 @@ async def test_shutdown_under_traffic_ends_every_stream_with_the_shutdown_event(
                 nonlocal ready
                 async with RawSseStream.open(base) as raw:
                     post_url = await initialize(raw, http)
-                    call = {
-                        "jsonrpc": "2.0",
-                        "id": 1,
-                        "method": "tools/call",
-                        "params": {"name": "stream", "arguments": {"count": 30_000}, "_meta": {"progressToken": "p"}},
-                    }
-                    assert (await http.post(post_url, json=call)).status_code == 202
+                    assert (await http.post(post_url, json=call_stream(30_000))).status_code == 202
                     ready += 1
                     if ready == 20:
                         started.set()
