@@ -325,8 +325,8 @@ class SseServerTransport:
         session = self._registry.get(session_id)
         if session is None or session.handler.ended or _owner(scope) != session.owner:
             return None
-        if token != BEFORE_FIRST and await self._store.replay(session_id, token, until=token) is None:
-            return None  # (validated without reading the events)
+        if await self._store.replay(session_id, token, until=token) is None:  # valid, without the events
+            return None
         logger.info("session %s: resuming", session.handler.tag)
         return session, token
 
