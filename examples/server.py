@@ -1,5 +1,9 @@
 """An MCP tool server on mcp-sse-transport: ``python -m examples.server [--host H] [--port P]``.
 
+With ``--redis-url redis://127.0.0.1:6379/0``, run as many of these as you like, on their own
+ports, behind any load balancer: they share sessions through Redis (the README's deployment
+section).
+
 Tools: ``echo`` returns its text, ``countdown`` streams progress notifications then returns,
 ``fail`` raises, so a client sees a tool error. GET ``/sse`` opens a session; ``/`` is a page whose
 browser ``EventSource`` talks to the tools and resumes after a dropped connection.
@@ -55,9 +59,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--heartbeat", type=float, default=15.0, help="idle seconds before a heartbeat")
+    parser.add_argument("--redis-url", help="share sessions with other workers through this Redis")
+    parser.add_argument("--redis-prefix", default="mcp-sse:", help="prefix of this deployment's Redis keys")
+    parser.add_argument("--owner-lease", type=float, default=5.0, help="seconds before a dead worker's sessions move")
+    parser.add_argument("--retry", type=float, default=3.0, help="seconds clients wait before reconnecting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(mcp, host=args.host, port=args.port, config=SseConfig(heartbeat_interval=args.heartbeat))
+    config = SseConfig(
+        heartbeat_interval=args.heartbeat,
+        redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
+        owner_lease=args.owner_lease,
+        retry_interval=args.retry,
+    )
+    run(mcp, host=args.host, port=args.port, config=config)
 
 
 if __name__ == "__main__":

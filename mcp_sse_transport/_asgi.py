@@ -8,7 +8,7 @@ from typing import Final
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from .handler import Attachment, Closed, SessionHandler
+from .handler import Attachment, Closed, SessionHandler, Sink
 
 ABORT_EXTENSION: Final = "mcp_sse_transport.abort"
 """Scope extension under which a server offers ``{"abort": callable}`` to drop a connection at
@@ -27,12 +27,33 @@ def _aborter(scope: Scope) -> Callable[[], object] | None:
     return extension.get("abort") if isinstance(extension, dict) else None
 
 
-def _disconnected(receive: Receive) -> Closed:
+def disconnected(receive: Receive) -> Closed:
+    """Returns once the client has gone (``http.disconnect``)."""
+
     async def wait() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
     return wait
+
+
+async def open_stream(send: Send) -> Sink:
+    """Send the event stream's response head; returns the sink that writes body chunks."""
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+
+    async def sink(chunk: bytes) -> None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    return sink
+
+
+async def end_stream(scope: Scope, send: Send, graceful: bool, within: float) -> None:
+    """Close the body with its terminating chunk; first drop the connection (aborted where the
+    server offers that) unless the end is ``graceful``, so a stuck client cannot hold it open."""
+    if not graceful and (abort := _aborter(scope)) is not None:
+        abort()
+    with anyio.move_on_after(within):
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def stream_session(
@@ -44,27 +65,20 @@ async def stream_session(
     *,
     after: str | None = None,
     attachment: Attachment | None = None,
+    sink: Sink | None = None,
 ) -> None:
     """Serve ``handler``'s events as this request's response until the connection drops or the
     session ends. A new session comes with its ``attachment``; a resume (``after`` a token)
-    attaches here, superseding any connection still attached.
-
-    A graceful end closes the body with its terminating chunk; otherwise the connection is dropped
-    (aborted where the server offers that) so a stuck client cannot hold it open.
+    attaches here, superseding any connection still attached. ``sink`` continues a response
+    whose head :func:`open_stream` already sent.
     """
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-
-    async def sink(chunk: bytes) -> None:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
+    if sink is None:
+        sink = await open_stream(send)
     if attachment is None:
         while handler.attached:  # the last resume wins
             await handler.supersede()
         attachment = handler.attach()
     graceful = await handler.run(
-        sink, preface=preface, after=after, attachment=attachment, closed=_disconnected(receive)
+        sink, preface=preface, after=after, attachment=attachment, closed=disconnected(receive)
     )
-    if not graceful and (abort := _aborter(scope)) is not None:
-        abort()
-    with anyio.move_on_after(handler.config.write_timeout):
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await end_stream(scope, send, graceful, handler.config.write_timeout)

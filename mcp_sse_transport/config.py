@@ -65,12 +65,38 @@ class SseConfig:
     "Too many open sessions" (with ``Retry-After``) and no open session is touched. The SDK's
     Streamable HTTP manager caps at the same 10,000. ``None``: no cap."""
 
+    redis_url: str | None = None
+    """Turns on scale-out: ``redis://host:port/db`` (or ``rediss://``, ``unix://``) of the Redis
+    that every worker shares for events, the session directory and routing between workers.
+    ``None`` keeps everything in this process. Needs the ``redis`` extra."""
+
+    redis_prefix: str = "mcp-sse:"
+    """Prefix of every Redis key and channel, so several deployments can share one Redis."""
+
+    owner_lease: float = 5.0
+    """Seconds a worker's claim on a session lasts unless renewed (every third of it). A dead
+    worker's sessions are taken over once it runs out. Kubernetes leader election renews a 15 s
+    lease every 2 s; a session is cheaper to move, so a shorter lease means a shorter outage."""
+
+    forward_timeout: float = 3.0
+    """Seconds a worker waits for a session's owner to take a forwarded POST (or, if the owner is
+    gone, for its lease to run out) before answering 503. Below the SDK client's 5 s HTTP timeout,
+    so the client sees our 503, not its own timeout."""
+
     def __post_init__(self) -> None:
         for name in ("max_buffered_events", "max_buffered_bytes", "replay_max_events", "replay_max_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("grant_timeout", "write_timeout", "heartbeat_interval", "drain_timeout", "replay_max_age"):
+        for name in (
+            "grant_timeout",
+            "write_timeout",
+            "heartbeat_interval",
+            "drain_timeout",
+            "replay_max_age",
+            "owner_lease",
+            "forward_timeout",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -82,6 +108,10 @@ class SseConfig:
             not isinstance(self.max_sessions, int) or isinstance(self.max_sessions, bool) or self.max_sessions < 1
         ):
             raise ValueError(f"max_sessions must be a positive integer or None, got {self.max_sessions!r}")
+        if self.redis_url is not None and (not isinstance(self.redis_url, str) or "://" not in self.redis_url):
+            raise ValueError(f"redis_url must be a URL such as redis://127.0.0.1:6379/0, got {self.redis_url!r}")
+        if not isinstance(self.redis_prefix, str) or not self.redis_prefix:
+            raise ValueError(f"redis_prefix must be a non-empty string, got {self.redis_prefix!r}")
         if self.slow_consumer_policy not in ("block", "disconnect"):
             raise ValueError(f"slow_consumer_policy must be 'block' or 'disconnect', got {self.slow_consumer_policy!r}")
 

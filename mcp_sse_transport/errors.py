@@ -13,6 +13,8 @@ __all__ = [
     "SessionClosedError",
     "SessionExpiredError",
     "SlowConsumerError",
+    "StoreError",
+    "StoreUnavailableError",
 ]
 
 
@@ -41,6 +43,11 @@ class ErrorCode(IntEnum):
     """Events after ``Last-Event-ID`` were trimmed from the replay log: what is retained follows."""
     SUPERSEDED = -32054
     """Another connection resumed this session; this stream ends."""
+    REQUEST_INTERRUPTED = -32055
+    """The worker serving this session died before answering this request, and another worker
+    took the session over: the request may or may not have taken effect."""
+    STORE_UNAVAILABLE = -32056
+    """The event store (Redis) failed, so the event could not be kept for replay: the session ends."""
 
 
 class SlowConsumerError(anyio.BrokenResourceError):
@@ -63,5 +70,16 @@ class SessionClosedError(anyio.ClosedResourceError):
     """The session was closed on this side (``close``, ``send_error`` or server shutdown)."""
 
 
+class StoreUnavailableError(anyio.BrokenResourceError):
+    """The session ended because its event store failed: an event could not be kept for replay."""
+
+
 class GrantError(RuntimeError):
     """An event was sent without a valid grant: none, a spent one, another session's, or too small."""
+
+
+class StoreError(Exception):
+    """The event store or session directory could not be reached or failed (Redis down, say).
+
+    The store's own exception is the ``__cause__``.
+    """

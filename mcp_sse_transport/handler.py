@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -19,13 +19,30 @@ import anyio
 import anyio.lowlevel
 
 from .config import SseConfig
-from .errors import ConnectionLostError, ErrorCode, SessionClosedError, SessionExpiredError, SlowConsumerError
+from .errors import (
+    ConnectionLostError,
+    ErrorCode,
+    SessionClosedError,
+    SessionExpiredError,
+    SlowConsumerError,
+    StoreError,
+    StoreUnavailableError,
+)
 from .events import HEARTBEAT, encode_error, encode_event, encode_message
 from .flow import CreditLedger, Grant
 from .ids import format_event_id
 from .store import EventStore, InMemoryEventStore, Replay
 
-__all__ = ["Attachment", "Closed", "SessionHandler", "SessionState", "SessionStatistics", "Sink", "session_tag"]
+__all__ = [
+    "Attachment",
+    "Closed",
+    "SessionHandler",
+    "SessionState",
+    "SessionStatistics",
+    "Sink",
+    "replay_chunks",
+    "session_tag",
+]
 
 logger = logging.getLogger("mcp_sse_transport")
 
@@ -43,6 +60,24 @@ _YIELD_INTERVAL = 0.001
 def session_tag(session_id: str) -> str:
     """The part of a session id that may appear in logs and statistics (the id is a capability)."""
     return session_id[:8]
+
+
+def replay_chunks(session_id: str, replay: Replay) -> Iterator[tuple[bytes, int]]:
+    """A replay as writes of about ``_WRITE_CHUNK`` bytes, each with its number of events; a gap
+    comes first, as a ``RESUME_GAP`` error event."""
+    chunk: list[bytes] = []
+    if replay.gap:
+        chunk.append(encode_error(ErrorCode.RESUME_GAP, "Events after Last-Event-ID are no longer available"))
+    size = 0
+    for stored in replay.events:
+        encoded = encode_event(stored.data, event=stored.event, id=format_event_id(session_id, stored.token))
+        chunk.append(encoded)
+        size += len(encoded)
+        if size >= _WRITE_CHUNK:
+            yield b"".join(chunk), len(chunk)
+            chunk, size = [], 0
+    if chunk:
+        yield b"".join(chunk), len(chunk)
 
 
 class SessionState(Enum):
@@ -139,7 +174,16 @@ class SessionHandler:
         "session_id",
     )
 
-    def __init__(self, session_id: str, config: SseConfig | None = None, store: EventStore | None = None) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        config: SseConfig | None = None,
+        store: EventStore | None = None,
+        *,
+        last_token: str | None = None,
+    ) -> None:
+        """``last_token`` continues a session whose log already holds events (a session another
+        worker took over): a resume replays the store's events up to it."""
         self.session_id = session_id
         self.config = config or SseConfig()
         self._store = store if store is not None else InMemoryEventStore()
@@ -149,7 +193,7 @@ class SessionHandler:
         )
         self._id_prefix = format_event_id(session_id, "").encode()
         self._queue: list[tuple[bytes, int]] = []
-        self._last_token: str | None = None
+        self._last_token = last_token
         self._final: bytes | None = None
         self._state = SessionState.OPEN
         self._failure: tuple[type[anyio.BrokenResourceError], str] | None = None
@@ -250,7 +294,8 @@ class SessionHandler:
         connection takes it.
 
         Raises :class:`GrantError` without a grant, with a spent one, another session's, or one
-        smaller than ``data``.
+        smaller than ``data``; :class:`StoreUnavailableError` if the store fails, which ends the
+        session with a ``STORE_UNAVAILABLE`` error event: an event that cannot be replayed is not sent.
         """
         if isinstance(data, str):
             data = data.encode()
@@ -260,6 +305,12 @@ class SessionHandler:
         self._ledger.commit(grant, len(data))
         try:
             token = await self._store.append(self.session_id, event, data)
+        except StoreError as exc:
+            self._ledger.release(1, len(data))
+            logger.error("session %s: the event store failed (%s); the session ends", self.tag, exc)
+            final = encode_error(ErrorCode.STORE_UNAVAILABLE, "Session store unavailable; the session ends")
+            self._fail(StoreUnavailableError, "the event store failed", final=final)
+            raise self._error() from exc
         except BaseException:
             self._ledger.release(1, len(data))
             raise
@@ -472,27 +523,19 @@ class SessionHandler:
         self._ledger.release(self._ledger.buffered_events, self._ledger.buffered_bytes)
         if cut is None:
             return True
-        replay = await self._store.replay(self.session_id, after, cut)
+        try:
+            replay = await self._store.replay(self.session_id, after, cut)
+        except StoreError as exc:
+            logger.warning("session %s: could not replay (%s); dropping the connection", self.tag, exc)
+            return False
         if replay is None:  # the store lost the session's log since the resume was accepted
             replay = Replay([], gap=True)
-        chunk: list[bytes] = []
         if replay.gap:
             logger.info("session %s: resumed past trimmed events", self.tag)
-            chunk.append(encode_error(ErrorCode.RESUME_GAP, "Events after Last-Event-ID are no longer available"))
-        size = 0
-        for stored in replay.events:
-            encoded = encode_event(stored.data, event=stored.event, id=format_event_id(self.session_id, stored.token))
-            chunk.append(encoded)
-            size += len(encoded)
-            if size >= _WRITE_CHUNK:
-                if not await self._write(sink, connection, b"".join(chunk)):
-                    return False
-                self._events_sent += len(chunk)
-                chunk, size = [], 0
-        if chunk:
-            if not await self._write(sink, connection, b"".join(chunk)):
+        for chunk, events in replay_chunks(self.session_id, replay):
+            if not await self._write(sink, connection, chunk):
                 return False
-            self._events_sent += len(chunk)
+            self._events_sent += events
         return True
 
     async def _pump(self, sink: Sink, connection: Attachment, closed: Closed | None) -> None:

@@ -64,7 +64,8 @@ def sse_app(
     As ``MCPServer.sse_app()``: DNS-rebinding protection is on for local hosts unless
     ``transport_security`` says otherwise, and an ``MCPServer``'s auth settings, routes and
     custom routes are wired the same way. The transport is at ``app.state.sse_transport``; the
-    app's lifespan shutdown drains and ends every stream.
+    app's lifespan joins the Redis cluster when ``config.redis_url`` is set, and its shutdown
+    drains every stream (and, with Redis, hands every session off to the other workers).
     """
     if transport_security is None and host in _LOCAL_HOSTS:
         transport_security = TransportSecuritySettings(
@@ -72,10 +73,14 @@ def sse_app(
             allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
             allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
         )
-    transport = SseServerTransport(
-        message_path, security_settings=transport_security, max_request_body_size=max_request_body_size, config=config
-    )
     lowlevel = server._lowlevel_server if isinstance(server, MCPServer) else server
+    transport = SseServerTransport(
+        message_path,
+        security_settings=transport_security,
+        max_request_body_size=max_request_body_size,
+        config=config,
+        server=lowlevel,
+    )
     sse_endpoint: ASGIApp = _SseEndpoint(transport, lowlevel)
     post_endpoint: ASGIApp = transport.handle_post_message
     routes: list[BaseRoute] = []
@@ -130,10 +135,8 @@ def sse_app(
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        try:
+        async with transport:  # joins the Redis cluster with redis_url; shuts down on exit
             yield
-        finally:
-            await transport.shutdown()
 
     app = Starlette(debug=debug, routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.sse_transport = transport

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 from uuid import UUID, uuid4
 
 import anyio
 import anyio.abc
 import mcp_types as types
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, AuthorizationContext, authorization_context
+from mcp.server.auth.middleware.auth_context import auth_context_var
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
+from mcp.server.auth.provider import AccessToken
+from mcp.server.lowlevel.server import Server
 from mcp.server.transport_security import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     RequestBodyLimitMiddleware,
@@ -30,14 +35,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import SSE_HEADERS, stream_session
+from ._asgi import SSE_HEADERS, disconnected, end_stream, open_stream, stream_session
 from .config import SseConfig
-from .errors import ErrorCode
+from .errors import ErrorCode, StoreError
 from .events import encode_error, encode_event, error_body
-from .handler import SessionHandler, session_tag
+from .handler import SessionHandler, Sink, replay_chunks, session_tag
 from .ids import format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
-from .store import BEFORE_FIRST, EventStore, InMemoryEventStore
+from .store import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, DirectoryEntry, Relay
 
 __all__ = ["RequestRejected", "SseServerTransport"]
 
@@ -55,7 +63,12 @@ class RequestRejected(ValueError):
 class _Session:
     handler: SessionHandler
     inbound: _Inbound
-    owner: AuthorizationContext | None
+    owner: str
+    """The fingerprint of the credential that opened the session."""
+    swallow: types.RequestId | None = None
+    """Taken over: the id of the replayed ``initialize``, whose response the client already has."""
+    handed_off: bool = False
+    """Another worker carries the session on: its Redis state outlives this process's copy."""
 
 
 def _ended_streams() -> tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]:
@@ -67,29 +80,44 @@ def _ended_streams() -> tuple[ReadStream[SessionMessage | Exception], WriteStrea
     return read_stream, write_stream
 
 
-def _owner(scope: Scope) -> AuthorizationContext | None:
+def _owner(scope: Scope) -> str:
+    """A fingerprint of the request's credential ("" when anonymous): a session answers only the
+    principal that opened it, on any worker."""
     user = scope.get("user")
-    return authorization_context(user) if isinstance(user, AuthenticatedUser) else None
+    if not isinstance(user, AuthenticatedUser):
+        return ""
+    principal = json.dumps(authorization_context(user), sort_keys=True)
+    return hashlib.sha256(principal.encode()).hexdigest()
 
 
 class _ServerWriteStream:
     """The write stream the SDK server writes to: each message becomes one granted event."""
 
-    __slots__ = ("_session", "_task_group")
+    __slots__ = ("_cluster", "_session", "_task_group")
 
-    def __init__(self, session: _Session, task_group: anyio.abc.TaskGroup) -> None:
+    def __init__(self, session: _Session, task_group: anyio.abc.TaskGroup, cluster: Cluster | None) -> None:
         self._session = session
         self._task_group = task_group
+        self._cluster = cluster
 
     async def send(self, item: SessionMessage, /) -> None:
         message = item.message
+        answered = message.id if isinstance(message, types.JSONRPCResponse | types.JSONRPCError) else None
+        if answered is not None and answered == self._session.swallow:
+            self._session.swallow = None  # the replayed initialize's: the client has it already
+            return
         try:
             # Bytes straight from pydantic-core: what model_dump_json does, without the str round trip.
             data = message.__pydantic_serializer__.to_json(message, by_alias=True, exclude_unset=True)
         except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
             await _report_unserializable(self._session, self._task_group, message, exc)
-            return
-        await self._session.handler.send(data)
+        else:
+            await self._session.handler.send(data)
+        if answered is not None and self._cluster is not None:
+            try:
+                await self._cluster.remove_pending(self._session.handler.session_id, answered)
+            except StoreError as exc:  # the next event's append reports the store's failure
+                logger.warning("session %s: %s", self._session.handler.tag, exc)
 
     async def aclose(self) -> None:
         await self._session.handler.close()
@@ -173,6 +201,11 @@ class SseServerTransport:
     ``handle_post_message`` is the ASGI app for the POST endpoint. Same constructor, statuses,
     texts and wire format as the stock class; underneath, each session's events go through a
     :class:`~mcp_sse_transport.handler.SessionHandler` configured by ``config``.
+
+    With ``config.redis_url`` set, sessions live in Redis: any worker sharing it serves any
+    request, and a dead worker's sessions are taken over. That needs ``server`` (a worker runs it
+    for the sessions it takes over) and the transport entered (``async with transport:``) for
+    as long as it serves; :func:`~mcp_sse_transport.sse_app` does both.
     """
 
     def __init__(
@@ -183,11 +216,13 @@ class SseServerTransport:
         *,
         config: SseConfig | None = None,
         event_store: EventStore | None = None,
+        server: Server[Any] | None = None,
     ) -> None:
         """``endpoint`` is the relative path clients POST to, e.g. ``"/messages/"``.
 
         Raises ValueError for a full URL (``://``, a leading ``//``, ``?`` or ``#``) and for a
-        non-positive ``max_request_body_size``, as the stock class does.
+        non-positive ``max_request_body_size``, as the stock class does; with ``redis_url``, for
+        a missing ``server`` or an ``event_store`` that is not a ``RedisEventStore``.
         """
         if max_request_body_size <= 0:
             raise ValueError("max_request_body_size must be a positive number of bytes")
@@ -203,15 +238,25 @@ class SseServerTransport:
         self._security = TransportSecurityMiddleware(security_settings)
         self._post_message_app = RequestBodyLimitMiddleware(self._handle_post_message, max_request_body_size)
         self._registry: SessionRegistry[_Session] = SessionRegistry()
-        self._store: EventStore = (
-            event_store
-            if event_store is not None
-            else InMemoryEventStore(
-                max_events=self._config.replay_max_events,
-                max_bytes=self._config.replay_max_bytes,
-                max_age=self._config.replay_max_age,
+        self._server = server
+        self._cluster: Cluster | None = None
+        self._adopting: dict[str, anyio.Event] = {}
+        self._store: EventStore
+        if self._config.redis_url is not None:
+            if server is None:
+                raise ValueError("redis_url needs server=...: a worker that takes a session over runs it")
+            self._cluster = _cluster(self._config, event_store)
+            self._store = self._cluster.store
+        else:
+            self._store = (
+                event_store
+                if event_store is not None
+                else InMemoryEventStore(
+                    max_events=self._config.replay_max_events,
+                    max_bytes=self._config.replay_max_bytes,
+                    max_age=self._config.replay_max_age,
+                )
             )
-        )
 
     @property
     def config(self) -> SseConfig:
@@ -226,11 +271,42 @@ class SseServerTransport:
         """A snapshot of every open session's stream."""
         return self._registry.statistics()
 
+    async def __aenter__(self) -> SseServerTransport:
+        """Join the Redis cluster (with ``redis_url``; nothing to do without). Raises StoreError
+        when Redis cannot be reached."""
+        if self._cluster is not None:
+            self._cluster.on_post = self._on_post
+            self._cluster.on_attach = self._on_attach
+            self._cluster.on_lost = self._on_lost
+            await self._cluster.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: TracebackType | None
+    ) -> None:
+        """:meth:`shutdown`, then leave the cluster."""
+        try:
+            await self.shutdown()
+        finally:
+            if self._cluster is not None:
+                await self._cluster.__aexit__(exc_type, exc_val, exc_tb)
+                await self._cluster.redis.aclose()
+
     async def shutdown(self) -> None:
         """Refuse new sessions, then drain every open stream within ``drain_timeout`` and end it
-        with an ``event: error`` (code ``SERVER_SHUTDOWN``) carrying a ``retry:`` hint."""
+        with an ``event: error`` (code ``SERVER_SHUTDOWN``) carrying a ``retry:`` hint.
+
+        With ``redis_url``, sessions are handed off rather than ended: their leases are given up,
+        so the client's resume, on another worker, takes each one over at once."""
         logger.info("shutting down %d SSE session(s)", len(self._registry))
+        if self._cluster is not None:
+            for _, session in self._registry.items():
+                session.handed_off = True
         await self._registry.shutdown()
+        if self._cluster is not None:
+            for session_id, _ in list(self._registry.items()):
+                with suppress(StoreError):
+                    await self._cluster.release(session_id)
 
     @asynccontextmanager
     async def connect_sse(
@@ -242,8 +318,8 @@ class SseServerTransport:
         that session: the session's server is already running, so the yielded streams are at end
         of stream and ``Server.run`` returns at once, while the stream is served until it ends.
         Raises ValueError (:class:`RequestRejected`), after answering the request itself, when it
-        fails the Host/Origin checks (421/403), arrives during shutdown (503), or would open a
-        session past ``max_sessions`` (503).
+        fails the Host/Origin checks (421/403), arrives during shutdown (503), would open a
+        session past ``max_sessions`` (503), or Redis cannot be reached (503).
         """
         if scope["type"] != "http":
             raise ValueError("connect_sse can only handle HTTP requests")
@@ -265,12 +341,10 @@ class SseServerTransport:
 
         preface = b""
         if last_event_id:
-            resumed = await self._find_resumable(last_event_id, scope)
-            if resumed is not None:
-                session, token = resumed
+            resume = await self._find_resumable(last_event_id, scope, receive, send)
+            if resume is not None:
                 async with anyio.create_task_group() as tg:
-                    preface = self._endpoint_event(scope, session, first=False)
-                    tg.start_soon(partial(stream_session, session.handler, scope, receive, send, preface, after=token))
+                    tg.start_soon(resume)
                     yield _ended_streams()
                 return
             logger.info("resume refused: Last-Event-ID names no resumable session")
@@ -285,11 +359,18 @@ class SseServerTransport:
         session_id = uuid4().hex
         inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
         session = _Session(SessionHandler(session_id, self._config, self._store), inbound, _owner(scope))
+        if self._cluster is not None:
+            try:
+                await self._cluster.register(session_id, session.owner)
+            except StoreError as exc:
+                logger.error("refused a session: %s", exc)
+                await self._unavailable("Session store unavailable")(scope, receive, send)
+                raise RequestRejected("Session store unavailable") from exc
         self._registry.add(session_id, session)
         logger.debug("session %s opened", session.handler.tag)
         # Attached before the server can write, so nothing it writes is taken for a detached session.
         attachment = session.handler.attach()
-        preface += self._endpoint_event(scope, session, first=True)
+        preface += self._endpoint_event(scope, session_id, first=True)
 
         async def serve_stream() -> None:
             try:
@@ -303,39 +384,57 @@ class SseServerTransport:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(serve_stream)
                 try:
-                    yield read_stream, _ServerWriteStream(session, tg)
+                    yield read_stream, _ServerWriteStream(session, tg, self._cluster)
                 finally:
                     await session.handler.close()
         finally:
             self._registry.discard(session_id)
             inbound.close()
             read_stream.close()
-            await self._store.drop(session_id)
+            await self._forget(session)
 
     def _unavailable(self, reason: str) -> Response:
         retry_after = str(max(1, round(self._config.retry_interval)))
         return Response(reason, status_code=503, headers={"Retry-After": retry_after})
 
-    async def _find_resumable(self, last_event_id: str, scope: Scope) -> tuple[_Session, str] | None:
-        """The session and token a Last-Event-ID resumes, if this credential may resume it."""
+    async def _forget(self, session: _Session) -> None:
+        """The session ended here: drop its events and its directory entry, unless another
+        worker carries it on."""
+        session_id = session.handler.session_id
+        try:
+            if self._cluster is None:
+                await self._store.drop(session_id)
+            elif session.handed_off:
+                await self._cluster.release(session_id)
+            else:
+                await self._cluster.forget(session_id)
+        except StoreError as exc:
+            logger.warning("session %s: %s", session.handler.tag, exc)
+
+    async def _find_resumable(
+        self, last_event_id: str, scope: Scope, receive: Receive, send: Send
+    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """What serves the resume a Last-Event-ID asks for, if this credential may resume it."""
         parsed = parse_event_id(last_event_id)
         if parsed is None:
             return None
         session_id, token = parsed
         session = self._registry.get(session_id)
+        if session is None and self._cluster is not None:
+            return await self._find_in_cluster(session_id, token, scope, receive, send)
         if session is None or session.handler.ended or _owner(scope) != session.owner:
             return None
         if await self._store.replay(session_id, token, until=token) is None:  # valid, without the events
             return None
         logger.info("session %s: resuming", session.handler.tag)
-        return session, token
+        preface = self._endpoint_event(scope, session_id, first=False)
+        return partial(stream_session, session.handler, scope, receive, send, preface, after=token)
 
-    def _endpoint_event(self, scope: Scope, session: _Session, *, first: bool) -> bytes:
+    def _endpoint_event(self, scope: Scope, session_id: str, *, first: bool) -> bytes:
         """The ``endpoint`` event. A new session's carries the id ``<session>:0``, "before the first
         event", so a client that drops before any message can still resume; a resume's carries
         none, so the client keeps the id it resumed from."""
         path = quote(scope.get("root_path", "").rstrip("/") + self._endpoint)
-        session_id = session.handler.session_id
         return encode_event(
             f"{path}?session_id={session_id}",
             event="endpoint",
@@ -364,26 +463,358 @@ class SseServerTransport:
             return await Response("Invalid session ID", status_code=400)(scope, receive, send)
 
         session = self._registry.get(session_id)
+        if session is None and self._cluster is not None:
+            return await self._post_in_cluster(session_id, request, scope, receive, send)
         if session is None or _owner(scope) != session.owner:
             # Another credential's session looks exactly like no session at all.
             logger.info("POST for unknown session %s", session_tag(session_id))
-            return await Response("Could not find session", status_code=404)(scope, receive, send)
+            return await _not_found()(scope, receive, send)
 
-        body = await request.body()
+        response, report = await self._deliver(session, await request.body(), request)
+        await response(scope, receive, send)
+        if report is not None:
+            await report()
+
+    async def _deliver(
+        self, session: _Session, body: bytes, request: Request
+    ) -> tuple[Response, Callable[[], Coroutine[Any, Any, None]] | None]:
+        """Hand a POSTed body to the session's server; the response, and what to do once it was
+        sent (report a parse error on the stream too)."""
         try:
             message = types.jsonrpc_message_adapter.validate_json(body, by_name=False)
         except ValidationError as err:
             logger.warning("session %s: could not parse a POSTed message", session.handler.tag)
-            await Response("Could not parse message", status_code=400)(scope, receive, send)
-            await self._report_parse_error(session, body, err)
-            return
-
+            return Response("Could not parse message", status_code=400), partial(
+                self._report_parse_error, session, body, err
+            )
+        if self._cluster is not None:
+            try:
+                await self._record(session.handler.session_id, message, body)
+            except StoreError as exc:
+                logger.warning("session %s: %s", session.handler.tag, exc)
+                return self._unavailable("Session store unavailable"), None
         try:
             # Hand the message over before answering 202: an accepted message is never lost.
             await session.inbound.send(SessionMessage(message, metadata=ServerMessageMetadata(request_context=request)))
         except _CLOSED:
-            return await Response("Could not find session", status_code=404)(scope, receive, send)
-        await Response("Accepted", status_code=202)(scope, receive, send)
+            return _not_found(), None
+        return Response("Accepted", status_code=202), None
+
+    async def _record(self, session_id: str, message: types.JSONRPCMessage, body: bytes) -> None:
+        """Keep in Redis what a worker taking the session over needs: the handshake, and which
+        requests still wait for an answer."""
+        assert self._cluster is not None
+        if isinstance(message, types.JSONRPCRequest):
+            if message.method == "initialize":
+                await self._cluster.record_handshake(session_id, "init", body)
+            await self._cluster.add_pending(session_id, message.id)
+        elif isinstance(message, types.JSONRPCNotification) and message.method == "notifications/initialized":
+            await self._cluster.record_handshake(session_id, "initialized", body)
+
+    # -- scale-out: requests for sessions another worker owns, or owned --------------------------
+
+    async def _post_in_cluster(
+        self, session_id: str, request: Request, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A POST for a session this worker does not hold: hand it to the owner, or take the
+        session over if the owner is gone; 503 if neither happens within ``forward_timeout``."""
+        from .cluster import OwnerUnreachable
+
+        cluster = self._cluster
+        assert cluster is not None
+        response: Response = self._unavailable("Session owner unreachable")
+        report: Callable[[], Coroutine[Any, Any, None]] | None = None
+        try:
+            with anyio.move_on_after(self._config.forward_timeout):
+                entry = await cluster.lookup(session_id)
+                if entry is None or entry.fingerprint != _owner(scope):
+                    logger.info("POST for unknown session %s", session_tag(session_id))
+                    response = _not_found()
+                    raise _Done
+                body = await request.body()
+                while True:
+                    if entry.owner is not None and entry.owner != cluster.worker_id:
+                        try:
+                            status = await cluster.forward(entry.owner, _forwarded(scope, session_id), body)
+                        except OwnerUnreachable:
+                            await self._await_lease(session_id)
+                        else:
+                            response = self._status_response(status)
+                            raise _Done
+                    session = await self._adopt(session_id)
+                    if session is not None:
+                        response, report = await self._deliver(session, body, request)
+                        raise _Done
+                    entry = await cluster.lookup(session_id)
+                    if entry is None:
+                        response = _not_found()
+                        raise _Done
+        except _Done:
+            pass
+        except TimeoutError:
+            logger.warning("session %s: its owner did not take a POST in time", session_tag(session_id))
+        except StoreError as exc:
+            logger.warning("%s", exc)
+            response = self._unavailable("Session store unavailable")
+        await response(scope, receive, send)
+        if report is not None:
+            await report()
+
+    def _status_response(self, status: int) -> Response:
+        if status == 503:
+            return self._unavailable("Session store unavailable")
+        text = {202: "Accepted", 400: "Could not parse message", 404: "Could not find session"}
+        return Response(text.get(status, "Internal Server Error"), status_code=status)
+
+    async def _await_lease(self, session_id: str) -> None:
+        """Wait until the lease of an owner that nobody answers for runs out."""
+        assert self._cluster is not None
+        remaining = await self._cluster.lease_remaining(session_id)
+        if remaining > 0:
+            await anyio.sleep(remaining)  # a lease is a deadline: nothing to wait on but the clock
+
+    async def _find_in_cluster(
+        self, session_id: str, token: str, scope: Scope, receive: Receive, send: Send
+    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """What serves the resume of a session this worker does not hold, if Redis knows it and
+        it belongs to this credential. Answers 503 itself if Redis cannot be reached."""
+        assert self._cluster is not None
+        try:
+            entry = await self._cluster.lookup(session_id)
+            if entry is None or entry.fingerprint != _owner(scope):
+                return None
+            if await self._store.replay(session_id, token, until=token) is None:
+                return None
+        except StoreError as exc:
+            logger.warning("resume refused: %s", exc)
+            await self._unavailable("Session store unavailable")(scope, receive, send)
+            raise RequestRejected("Session store unavailable") from exc
+        logger.info("session %s: resuming another worker's session", session_tag(session_id))
+        return partial(self._resume_in_cluster, session_id, token, entry, scope, receive, send)
+
+    async def _resume_in_cluster(
+        self, session_id: str, token: str, entry: DirectoryEntry, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Serve a resume here: replay from Redis, then relay the owner's live events; or, if the
+        owner is gone, take the session over and serve it as this worker's own."""
+        from .cluster import OwnerUnreachable
+
+        cluster = self._cluster
+        assert cluster is not None
+        sink = await open_stream(send)
+        preface = self._endpoint_event(scope, session_id, first=False)
+        after: str | None = token
+        session: _Session | None = None
+        try:
+            for _ in range(3):  # the owner may die, and another worker take over, meanwhile
+                if entry.owner is not None and entry.owner != cluster.worker_id:
+                    if preface:
+                        after = await self._replay_here(sink, session_id, token, preface)
+                        preface = b""
+                        if after is None:
+                            break
+                    assert after is not None
+                    try:
+                        async with cluster.relay(entry.owner, session_id, after) as relay:
+                            graceful = await self._follow(relay, sink, receive, session_id)
+                        return await end_stream(scope, send, graceful, self._config.write_timeout)
+                    except OwnerUnreachable:
+                        with anyio.fail_after(self._config.owner_lease + self._config.forward_timeout):
+                            await self._await_lease(session_id)
+                session = await self._adopt(session_id)
+                if session is not None:
+                    break
+                next_entry = await cluster.lookup(session_id)
+                if next_entry is None:
+                    break
+                entry = next_entry
+        except (StoreError, TimeoutError) as exc:
+            logger.warning("session %s: resume failed (%s)", session_tag(session_id), exc)
+            session = None
+        if session is None or after is None:
+            return await end_stream(scope, send, False, self._config.write_timeout)
+        await stream_session(session.handler, scope, receive, send, preface, after=after, sink=sink)
+
+    async def _replay_here(self, sink: Sink, session_id: str, token: str, preface: bytes) -> str | None:
+        """Write ``preface`` and the stored events after ``token``; returns the last token
+        written, or ``None`` if the connection failed."""
+        replay = await self._store.replay(session_id, token)
+        chunks = [preface, *(chunk for chunk, _ in replay_chunks(session_id, replay or Replay([], gap=True)))]
+        for chunk in chunks:
+            with anyio.move_on_after(self._config.write_timeout) as stalled:
+                try:
+                    await sink(chunk)
+                except Exception:
+                    return None
+            if stalled.cancelled_caught:
+                return None
+        return replay.events[-1].token if replay is not None and replay.events else token
+
+    async def _follow(self, relay: Relay, sink: Sink, receive: Receive, session_id: str) -> bool:
+        """Write what the owner relays until it ends the stream (returns whether gracefully), the
+        client goes, a write stalls, or the owner's lease passes to another worker."""
+        cluster = self._cluster
+        assert cluster is not None
+        graceful = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await disconnected(receive)()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            try:
+                while True:
+                    with anyio.move_on_after(self._config.owner_lease) as idle:
+                        header, body = await relay.messages.receive()
+                    if idle.cancelled_caught:
+                        entry = await cluster.lookup(session_id)
+                        if entry is None or entry.owner != relay.owner:
+                            break
+                        continue
+                    if header["t"] == "end":
+                        graceful = bool(header["g"])
+                        break
+                    with anyio.fail_after(self._config.write_timeout):
+                        await sink(body)
+                    await cluster.ack(relay, header["s"])
+            except Exception as exc:  # the client, Redis or the relay failed: the stream is over
+                logger.info("session %s: relayed stream ended (%s)", session_tag(session_id), type(exc).__name__)
+            tg.cancel_scope.cancel()
+        if not graceful:
+            await cluster.detach(relay)
+        return graceful
+
+    async def _adopt(self, session_id: str) -> _Session | None:
+        """Take over a session whose owner's lease ran out: a fresh server, fed the stored
+        handshake, and a ``REQUEST_INTERRUPTED`` error for every request the old owner never
+        answered. ``None`` if another worker holds the lease."""
+        cluster, server = self._cluster, self._server
+        assert cluster is not None and server is not None
+        if (adopting := self._adopting.get(session_id)) is not None:
+            await adopting.wait()
+            return self._registry.get(session_id)
+        if (session := self._registry.get(session_id)) is not None:
+            return session
+        done = self._adopting[session_id] = anyio.Event()
+        try:
+            if not await cluster.acquire(session_id):
+                return None
+            # Shielded: a session half taken over would forget, on expiry, what Redis holds of it.
+            with anyio.CancelScope(shield=True):
+                try:
+                    session = await self._take_over(session_id, cluster, server)
+                except BaseException:
+                    with suppress(StoreError):
+                        await cluster.release(session_id)
+                    raise
+            return session
+        finally:
+            del self._adopting[session_id]
+            done.set()
+
+    async def _take_over(self, session_id: str, cluster: Cluster, server: Server[Any]) -> _Session | None:
+        entry = await cluster.lookup(session_id)
+        if entry is None:
+            await cluster.release(session_id)
+            return None
+        last_token = await cluster.store.last_token(session_id)
+        inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
+        handler = SessionHandler(session_id, self._config, self._store, last_token=last_token)
+        session = _Session(handler, inbound, entry.fingerprint)
+        logger.info("session %s: taken over from a worker that stopped", handler.tag)
+        await cluster.task_group.start(self._run_adopted, session, read_stream, server)
+        for raw in entry.handshake:
+            message = types.jsonrpc_message_adapter.validate_json(raw, by_name=False)
+            if isinstance(message, types.JSONRPCRequest):
+                session.swallow = message.id
+            await inbound.send(SessionMessage(message))
+        for request_id in await cluster.take_pending(session_id):
+            interrupted = _jsonrpc_error(
+                request_id,
+                "The server handling this request stopped before answering it",
+                ErrorCode.REQUEST_INTERRUPTED,
+            )
+            await handler.send(_dump(interrupted))
+        self._registry.add(session_id, session)
+        return session
+
+    async def _run_adopted(
+        self,
+        session: _Session,
+        read_stream: ReadStream[SessionMessage | Exception],
+        server: Server[Any],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """A taken-over session's life on this worker: its server, until the session ends."""
+        handler = session.handler
+        try:
+            async with anyio.create_task_group() as tg:
+                write_stream = _ServerWriteStream(session, tg, self._cluster)
+                tg.start_soon(server.run, read_stream, write_stream, server.create_initialization_options())
+                task_status.started()
+                try:
+                    await handler.linger()
+                finally:
+                    self._registry.discard(handler.session_id)
+                    session.inbound.close()
+                    await handler.close()
+        except Exception:
+            logger.exception("session %s: the server of a session taken over failed", handler.tag)
+        finally:
+            await read_stream.aclose()
+            with anyio.CancelScope(shield=True):
+                await self._forget(session)
+
+    async def _on_post(self, header: dict[str, Any], body: bytes) -> int:
+        """A POST another worker handed over for a session of this worker's."""
+        session = self._registry.get(header["sid"])
+        if session is None:
+            return 404
+        request = _forwarded_request(header)
+        user = request.scope.get("user")
+        context = auth_context_var.set(user) if isinstance(user, AuthenticatedUser) else None
+        try:
+            response, report = await self._deliver(session, body, request)
+        finally:
+            if context is not None:
+                auth_context_var.reset(context)
+        if report is not None:
+            assert self._cluster is not None
+            self._cluster.task_group.start_soon(report)
+        return response.status_code
+
+    async def _on_attach(self, header: dict[str, Any]) -> None:
+        """Another worker relays a resumed stream of this worker's session: serve it through Redis."""
+        assert self._cluster is not None
+        session = self._registry.get(header["sid"])
+        graceful = False
+        try:
+            if session is None or session.handler.ended:
+                return
+            handler = session.handler
+            async with self._cluster.link(header) as (sink, closed):
+                while handler.attached:  # the last resume wins
+                    await handler.supersede()
+                attachment = handler.attach()
+                graceful = await handler.run(sink, after=header["a"], attachment=attachment, closed=closed)
+        finally:
+            await self._cluster.end_link(header, graceful)
+
+    def _on_lost(self, session_id: str, gone: bool) -> None:
+        """This worker no longer holds the session: another worker took it over (end the stream
+        here, so the client resumes where the session lives now), or Redis lost it (end it)."""
+        session = self._registry.get(session_id)
+        if session is None:
+            return
+        assert self._cluster is not None
+        if gone:
+            message = "Session state was lost from Redis; the session ends"
+            self._cluster.task_group.start_soon(session.handler.send_error, ErrorCode.STORE_UNAVAILABLE, message)
+        else:
+            session.handed_off = True
+            self._cluster.task_group.start_soon(session.handler.shutdown)
 
     async def _report_parse_error(self, session: _Session, body: bytes, err: ValidationError) -> None:
         """Put a parse failure on the stream as well as on the 400: stock clients drop a POST's
@@ -405,3 +836,65 @@ class SseServerTransport:
                 )
         except _CLOSED:
             logger.debug("session %s: ended before the parse error could be reported", session.handler.tag)
+
+
+class _Done(Exception):
+    """The response to a POST is decided."""
+
+
+def _not_found() -> Response:
+    return Response("Could not find session", status_code=404)
+
+
+def _forwarded(scope: Scope, session_id: str) -> dict[str, Any]:
+    """What the owner needs of a POST to rebuild its request: path, query, headers, user."""
+    user = scope.get("user")
+    return {
+        "sid": session_id,
+        "p": scope.get("path", ""),
+        "q": scope.get("query_string", b"").decode("latin-1"),
+        "h": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in scope.get("headers", [])],
+        "u": user.access_token.model_dump(mode="json") if isinstance(user, AuthenticatedUser) else None,
+    }
+
+
+def _forwarded_request(header: dict[str, Any]) -> Request:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "POST",
+        "path": header["p"],
+        "root_path": "",
+        "query_string": header["q"].encode("latin-1"),
+        "headers": [(name.encode("latin-1"), value.encode("latin-1")) for name, value in header["h"]],
+    }
+    if header["u"] is not None:
+        scope["user"] = AuthenticatedUser(AccessToken.model_validate(header["u"]))
+    return Request(scope)
+
+
+def _cluster(config: SseConfig, event_store: EventStore | None) -> Cluster:
+    """The Redis side of a transport with ``redis_url``: client, store, directory."""
+    try:
+        from redis.asyncio import Redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+    except ImportError as exc:
+        raise ImportError("redis_url needs the redis extra: pip install 'mcp-sse-transport[redis]'") from exc
+    from .cluster import Cluster
+    from .redis_store import RedisEventStore
+
+    assert config.redis_url is not None
+    redis = Redis.from_url(
+        config.redis_url,
+        socket_connect_timeout=1.0,
+        socket_timeout=config.forward_timeout,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        health_check_interval=30,
+    )
+    if event_store is None:
+        event_store = RedisEventStore(
+            redis, prefix=config.redis_prefix, max_events=config.replay_max_events, max_age=config.replay_max_age
+        )
+    elif not isinstance(event_store, RedisEventStore):
+        raise ValueError("with redis_url, event_store must be a RedisEventStore (or None)")
+    return Cluster(redis, event_store, config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,15 +184,31 @@ def parse_block(block: bytes) -> SseEvent | None:
 
 class CuttingProxy:
     """A TCP proxy on 127.0.0.1 whose open connections a test can cut at any moment, as a
-    network drop would: both sides are shut down, whatever was in flight is lost."""
+    network drop would: both sides are shut down, whatever was in flight is lost.
 
-    def __init__(self, upstream: str, *, streams_only: bool = False) -> None:
-        host, port = upstream.removeprefix("http://").split(":")
-        self._upstream = (host, int(port))
+    With several upstreams it is a round-robin load balancer: each connection goes to the next
+    upstream that accepts it (one refusing connections, a dead worker, is skipped)."""
+
+    def __init__(self, upstream: str | Sequence[str], *, streams_only: bool = False) -> None:
+        upstreams = [upstream] if isinstance(upstream, str) else list(upstream)
+        self._upstreams = [(url.removeprefix("http://").split(":")[0], int(url.rsplit(":", 1)[1])) for url in upstreams]
+        self._turn = 0
         self._streams_only = streams_only
         """Cut only connections that opened with a GET (event streams), never a POST in flight."""
         self._pairs: set[tuple[anyio.abc.SocketStream, anyio.abc.SocketStream]] = set()
         self.cuts = 0
+        self.routed: list[tuple[str, int]] = []
+        """Each connection's request method and the upstream port it went to, in order."""
+
+    async def _connect(self) -> tuple[anyio.abc.SocketStream, int]:
+        for _ in self._upstreams:
+            host, port = self._upstreams[self._turn % len(self._upstreams)]
+            self._turn += 1
+            try:
+                return await anyio.connect_tcp(host, port), port
+            except OSError:
+                continue
+        raise ConnectionRefusedError("no upstream accepts connections")
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
@@ -206,13 +222,18 @@ class CuttingProxy:
                 tg.cancel_scope.cancel()
 
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
-        upstream = await anyio.connect_tcp(*self._upstream)
+        try:
+            upstream, port = await self._connect()
+        except OSError:
+            await client.aclose()
+            return
         pair = (client, upstream)
         try:
             first = await client.receive()
         except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
             await upstream.aclose()
             return
+        self.routed.append((first.split(b" ", 1)[0].decode(errors="replace"), port))
         if not self._streams_only or first.startswith(b"GET "):
             self._pairs.add(pair)
         try:

@@ -69,11 +69,11 @@ class _UserFromHeader:
         await self.app(scope, receive, send)
 
 
-async def start_session(raw: RawSseStream, http: httpx2.AsyncClient) -> str:
+async def start_session(raw: RawSseStream, http: httpx2.AsyncClient, retry_ms: int = 3000) -> str:
     """Read the endpoint event and complete the handshake; returns the POST URL."""
     endpoint = await raw.next_event()
     assert endpoint is not None and endpoint.event == "endpoint"
-    assert endpoint.retry == 3000
+    assert endpoint.retry == retry_ms
     init = {
         "jsonrpc": "2.0",
         "id": 0,

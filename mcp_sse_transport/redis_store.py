@@ -1,0 +1,245 @@
+"""The replay log on Redis Streams, shared by every worker of a scaled-out deployment.
+
+One stream per session, at ``{prefix}{<session id>}:events``: the braces are a Redis Cluster hash
+tag, so every key of a session lands in one slot. Tokens are the entries' ids, which Redis
+generates (``<ms>-<seq>``) increasing. Retention: an exact ``MAXLEN`` on append, ``MINID`` by age
+on replay and trim, and a ``PEXPIRE`` on every append that drops idle sessions. Entry fields:
+``e`` the event name (empty for none), ``d`` the data, ``p`` the id of the entry before it.
+
+Why ``p``: a resume must know whether events after its token were trimmed, and Redis does not
+record what trimming removed (``max-deleted-entry-id`` follows ``XDEL`` only). Trimming takes
+the oldest entries, so the newest trimmed one is the first retained entry's ``p`` (or, when
+none is retained, the stream's ``last-generated-id``): events after ``after`` were lost exactly
+when it is newer than ``after``. ``p`` is read inside the append's script, so it is exact
+whichever worker appended. Needs Redis 6.2 or newer (exclusive ranges).
+
+Needs the ``redis`` extra; the client is the caller's (``redis.asyncio.Redis``, created with
+``decode_responses=False``, the default).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any, NoReturn
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from redis.typing import EncodableT
+
+from .errors import StoreError
+from .handler import session_tag
+from .store import BEFORE_FIRST, Replay, StoredEvent
+
+__all__ = ["RedisEventStore"]
+
+_APPEND = """
+local prev = '0'
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then prev = info[i + 1] break end
+  end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'e', ARGV[3], 'd', ARGV[4], 'p', prev)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return id
+"""
+"""``XADD *`` with an exact ``MAXLEN`` and the previous id, then renew the expiry: one round trip.
+KEYS: the stream; ARGV: max_events, max_age in ms, event name, data."""
+
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_PART = 2**64 - 1
+
+StreamId = tuple[int, int]
+
+
+def _parse_id(token: str) -> StreamId | None:
+    """``(ms, seq)`` of a well-formed stream id, else ``None`` (so nothing malformed or
+    oversized reaches Redis, and ids compare as numbers, not strings)."""
+    match = _STREAM_ID.fullmatch(token)
+    if match is None:
+        return None
+    ms, seq = int(match[1]), int(match[2])
+    return (ms, seq) if ms <= _MAX_PART and seq <= _MAX_PART else None
+
+
+def _token_id(token: str) -> StreamId | None:
+    return (0, 0) if token == BEFORE_FIRST else _parse_id(token)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class _SessionLock:
+    """Serializes one session's appends; ``users`` counts holders and waiters, so the lock is
+    forgotten once nobody needs it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock()
+        self.users = 0
+
+
+class RedisEventStore:
+    """An :class:`~mcp_sse_transport.store.EventStore` on Redis Streams.
+
+    Redis orders entries by arrival, and concurrent appends from one process may arrive in any
+    order over a pool's connections, so appends for one session are serialized here: they
+    return tokens in call order and complete in that order. Different sessions do not wait on
+    each other. Every Redis failure is raised as :class:`StoreError`, the original as its cause.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "mcp-sse:",
+        max_events: int = 2000,
+        max_age: float = 300.0,
+    ) -> None:
+        if max_events < 1 or not (max_age > 0 and math.isfinite(max_age)):
+            raise ValueError("max_events and max_age must be positive")
+        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("the Redis client must be created with decode_responses=False: events are bytes")
+        self.redis = redis
+        self.prefix = prefix
+        self.max_events = max_events
+        self.max_age = max_age
+        self._max_age_ms = max(1, math.ceil(max_age * 1000))
+        self._locks: dict[str, _SessionLock] = {}
+        self._append = redis.register_script(_APPEND)
+
+    def key(self, session_id: str) -> str:
+        """The session's stream (hash-tagged by the session, like its other keys)."""
+        return f"{self.prefix}{{{session_id}}}:events"
+
+    def _fail(self, operation: str, session_id: str, exc: BaseException) -> NoReturn:
+        """Raise ``exc`` as a :class:`StoreError` whose message never holds the whole session id
+        (a bearer capability): some Redis errors echo the key."""
+        tag = session_tag(session_id)
+        detail = str(exc).replace(session_id, f"{tag}…") or type(exc).__name__
+        raise StoreError(f"{operation} for session {tag} failed: {detail}") from exc
+
+    def _min_id(self) -> str:
+        """Entries with smaller ids than this (their Redis time, in ms) are older than ``max_age``."""
+        return f"{max(0, int(time.time() * 1000) - self._max_age_ms)}-0"
+
+    async def append(self, session_id: str, event: str | None, data: bytes) -> str:
+        """Add one event (``XADD *`` with an exact ``MAXLEN``, then renew the key's expiry, in one
+        round trip); returns its entry id."""
+        args: list[EncodableT] = [self.max_events, self._max_age_ms, b"" if event is None else event.encode(), data]
+        # No await before the lock is taken: anyio's lock is FIFO, so call order is lock order.
+        entry = self._locks.get(session_id)
+        if entry is None:
+            entry = self._locks[session_id] = _SessionLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                try:
+                    token: bytes | str = await self._append(keys=[self.key(session_id)], args=args)
+                except (RedisError, OSError) as exc:
+                    self._fail("append", session_id, exc)
+        finally:
+            entry.users -= 1
+            if entry.users == 0 and self._locks.get(session_id) is entry:
+                del self._locks[session_id]
+        return _text(token)
+
+    async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
+        """Events with ids after ``after`` up to and including ``until``, age-trimmed first; one
+        ``MULTI`` round trip, so the gap flag and the events agree.
+
+        ``None`` when the stream does not exist (unless ``after`` is :data:`BEFORE_FIRST`), or
+        ``after`` is malformed or newer than any id this stream generated. ``ValueError`` for a
+        malformed ``until``.
+        """
+        after_id = _token_id(after)
+        if after_id is None:
+            return None
+        if until is None:
+            end = "+"
+        else:
+            until_id = _token_id(until)
+            if until_id is None:
+                raise ValueError("until is not a token of this store")
+            end = f"{until_id[0]}-{until_id[1]}"
+        start = f"({after_id[0]}-{after_id[1]}"  # exclusive
+        if after_id == (_MAX_PART, _MAX_PART):  # nothing can follow it, and "(" would be an error
+            start, end = "+", "-"
+        key = self.key(session_id)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.exists(key)
+                pipe.xtrim(key, minid=self._min_id(), approximate=False)
+                pipe.xinfo_stream(key)
+                pipe.xrange(key, min=start, max=end)
+                exists, trimmed, info, entries = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            self._fail("replay", session_id, exc)
+        if not exists:
+            return Replay([], gap=False) if after == BEFORE_FIRST else None
+        for result in (trimmed, info, entries):
+            if isinstance(result, Exception):
+                self._fail("replay", session_id, result)
+        last_id, trimmed_id = self._ids(session_id, info)
+        if after_id > last_id:
+            return None
+        events = [
+            StoredEvent(_text(entry_id), _text(fields.get(b"e", b"")) or None, bytes(fields.get(b"d", b"")))
+            for entry_id, fields in entries
+        ]
+        return Replay(events, gap=trimmed_id > after_id)
+
+    def _ids(self, session_id: str, info: dict[str, Any]) -> tuple[StreamId, StreamId]:
+        """From ``XINFO STREAM``: the newest id generated, and the newest id trimmed (``0-0``:
+        none), which is the first retained entry's ``p``, or the newest id if none is retained."""
+        last = _parse_id(_text(info.get("last-generated-id", b"")))
+        first = info.get("first-entry")
+        if first is None or first[0] is None:
+            trimmed = last
+        else:
+            prev = first[1].get(b"p")
+            trimmed = None if prev is None else _token_id(_text(prev))
+        if last is None or trimmed is None:
+            raise StoreError(
+                f"replay for session {session_tag(session_id)} failed: the stream was not written by this store"
+            )
+        return last, trimmed
+
+    async def trim(self, session_id: str) -> None:
+        """Drop the events older than ``max_age`` now (``XTRIM MINID``, exact)."""
+        try:
+            await self.redis.xtrim(self.key(session_id), minid=self._min_id(), approximate=False)
+        except (RedisError, OSError) as exc:
+            self._fail("trim", session_id, exc)
+
+    async def drop(self, session_id: str) -> None:
+        """Delete the session's stream and forget its append lock."""
+        self._locks.pop(session_id, None)
+        try:
+            await self.redis.delete(self.key(session_id))
+        except (RedisError, OSError) as exc:
+            self._fail("drop", session_id, exc)
+
+    async def last_token(self, session_id: str) -> str | None:
+        """The newest token issued for the session (the stream's ``last-generated-id``, even if
+        that entry was trimmed), ``None`` when the stream does not exist. For a worker taking a
+        session over."""
+        key = self.key(session_id)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.exists(key)
+                pipe.xinfo_stream(key)
+                exists, info = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            self._fail("last_token", session_id, exc)
+        if not exists:
+            return None
+        if isinstance(info, Exception):
+            self._fail("last_token", session_id, info)
+        return _text(info["last-generated-id"])

@@ -1,0 +1,219 @@
+"""Scale-out on Redis with real processes: three example servers on their own ports sharing one
+Redis, behind a round-robin balancer, driven by the SDK's client and the resuming client."""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import anyio
+import httpx2
+import mcp_types as types
+import pytest
+from mcp.client.client import Client
+from mcp.client.sse import sse_client
+from mcp.shared.exceptions import MCPError
+
+from mcp_sse_transport import ErrorCode
+from mcp_sse_transport.client import resumable_sse_client
+
+from ._cluster import one_request_per_connection, workers
+from ._redis import RedisProcess
+from ._support import CuttingProxy, RawSseStream, SseEvent
+from .test_resume import start_session
+
+pytestmark = pytest.mark.anyio
+
+
+def _text(result: types.CallToolResult) -> str:
+    content = result.content[0]
+    assert isinstance(content, types.TextContent)
+    return content.text
+
+
+async def _countdown(client: Client, steps: int) -> list[float]:
+    """Call the example's countdown tool; returns the progress it reported."""
+    received: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        received.append(progress)
+
+    result = await client.call_tool("countdown", {"steps": steps}, progress_callback=on_progress)
+    assert _text(result) == f"counted {steps} steps"
+    return received
+
+
+async def _countdown_with_cuts(client: Client, steps: int, proxy: CuttingProxy, cut_at: list[int]) -> list[float]:
+    """``_countdown``, with the event stream cut once the progress count reaches each of ``cut_at``."""
+    received: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        received.append(progress)
+        if cut_at and len(received) == cut_at[0]:
+            cut_at.pop(0)
+            proxy.cut()
+
+    result = await client.call_tool("countdown", {"steps": steps}, progress_callback=on_progress)
+    assert _text(result) == f"counted {steps} steps"
+    return received
+
+
+async def test_sdk_client_calls_posted_to_every_worker_are_all_answered_exactly_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    with anyio.fail_after(120):
+        async with workers(redis_url, redis_prefix) as started:
+            proxy = CuttingProxy([worker.url for worker in started])
+            async with proxy.running() as balancer:
+                transport = sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
+                async with Client(transport, mode="legacy") as client:
+                    for n in range(30):
+                        assert await _countdown(client, 10) == list(range(1, 11))
+                        assert _text(await client.call_tool("echo", {"text": f"call {n}"})) == f"call {n}"
+    (first_get, _), *rest = proxy.routed
+    assert first_get == "GET"
+    posted_to = {port for method, port in rest if method == "POST"}
+    assert posted_to == {worker.port for worker in started}, "POSTs reached the owner and both other workers"
+
+
+async def test_resuming_client_across_cut_streams_gets_every_event_once_in_order(
+    redis_url: str, redis_prefix: str
+) -> None:
+    rng = random.Random(6)
+    with anyio.fail_after(120):
+        async with workers(redis_url, redis_prefix) as started:
+            proxy = CuttingProxy([worker.url for worker in started], streams_only=True)
+            async with proxy.running() as balancer:
+                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
+                async with Client(transport, mode="legacy") as client:
+                    for _ in range(8):
+                        cut_at = sorted(rng.sample(range(1, 300), 3))
+                        assert await _countdown_with_cuts(client, 300, proxy, cut_at) == list(range(1, 301))
+    gets = [port for method, port in proxy.routed if method == "GET"]
+    owner, resumes = gets[0], gets[1:]
+    # A cut can land while the client is still reconnecting from the one before: count streams.
+    assert len(resumes) >= 8
+    assert any(port != owner for port in resumes), "some resumes were relayed by another worker"
+    assert owner in resumes, "and some were served by the owner itself"
+
+
+async def test_worker_killed_mid_call_its_session_goes_on_elsewhere(redis_url: str, redis_prefix: str) -> None:
+    with anyio.fail_after(120):
+        async with workers(redis_url, redis_prefix) as started:
+            proxy = CuttingProxy([worker.url for worker in started])
+            async with proxy.running() as balancer:
+                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
+                async with Client(transport, mode="legacy") as client:
+                    assert _text(await client.call_tool("echo", {"text": "before"})) == "before"
+                    owner_port = proxy.routed[0][1]
+                    owner = next(worker for worker in started if worker.port == owner_port)
+                    received: list[float] = []
+                    halfway = anyio.Event()
+
+                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                        received.append(progress)
+                        if progress == 5:
+                            halfway.set()
+
+                    async def kill_owner() -> None:
+                        await halfway.wait()
+                        owner.process.send_signal(signal.SIGKILL)
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(kill_owner)
+                        with pytest.raises(MCPError) as interrupted:
+                            await client.call_tool(
+                                "countdown", {"steps": 1000, "interval": 0.01}, progress_callback=on_progress
+                            )
+                    assert interrupted.value.error.code == ErrorCode.REQUEST_INTERRUPTED
+                    assert received == list(range(1, len(received) + 1)), "what arrived came once, in order"
+                    # The same session goes on, on the other workers, without a new initialize.
+                    for n in range(5):
+                        assert _text(await client.call_tool("echo", {"text": f"after {n}"})) == f"after {n}"
+                    assert await _countdown(client, 20) == list(range(1, 21))
+    assert await owner.process.wait() == -signal.SIGKILL
+    later = proxy.routed[proxy.routed.index(("GET", owner_port)) + 1 :]
+    assert later and all(port != owner_port for _, port in later[-5:])
+
+
+def _token_order(event_id: str) -> tuple[int, int]:
+    milliseconds, sequence = event_id.rsplit(":", 1)[1].split("-")
+    return int(milliseconds), int(sequence)
+
+
+async def test_takeover_replays_the_handshake_unseen_and_fails_only_the_unanswered_request(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """On the wire: the session's stream on worker A, its POSTs on worker B, A killed; the
+    resume on B gets what A stored, an error for the call A never answered, no second
+    initialize response, and the session answers the next call."""
+    with anyio.fail_after(60):
+        async with workers(redis_url, redis_prefix, count=2) as (a, b):
+            async with httpx2.AsyncClient(base_url=b.url) as http:
+                async with RawSseStream.open(a.url) as raw:
+                    post_url = await start_session(raw, http, retry_ms=100)
+                    countdown = {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "tools/call",
+                        "params": {
+                            "name": "countdown",
+                            "arguments": {"steps": 1000, "interval": 0.01},
+                            "_meta": {"progressToken": "p"},
+                        },
+                    }
+                    assert (await http.post(post_url, json=countdown)).status_code == 202
+                    events = [await raw.next_event() for _ in range(5)]
+                    a.process.send_signal(signal.SIGKILL)
+                    assert await a.process.wait() == -signal.SIGKILL
+                seen = [event for event in events if event is not None]
+                assert [event.json()["params"]["progress"] for event in seen] == [1, 2, 3, 4, 5]
+                last_id = seen[-1].id
+                assert last_id is not None
+                # B answers for the session once A's lease has run out (a POST waits for that).
+                echo = {
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": "hi"}},
+                }
+                assert (await http.post(post_url, json=echo)).status_code == 202
+                async with RawSseStream.open(b.url, headers={"Last-Event-ID": last_id}) as resumed:
+                    endpoint = await resumed.next_event()
+                    assert endpoint is not None and endpoint.event == "endpoint" and endpoint.data == post_url
+                    messages: list[SseEvent] = []
+                    while not messages or messages[-1].json().get("id") != 2:
+                        event = await resumed.next_event()
+                        assert event is not None and event.event == "message"
+                        messages.append(event)
+    ids = [last_id] + [event.id for event in messages if event.id is not None]
+    assert len(ids) == len(messages) + 1 and ids == sorted(ids, key=_token_order) and len(set(ids)) == len(ids)
+    bodies = [event.json() for event in messages]
+    progress = [body["params"]["progress"] for body in bodies if body.get("method") == "notifications/progress"]
+    assert progress == list(range(6, 6 + len(progress))), "A's stored events after the last id seen, once each"
+    answers = [body for body in bodies if "id" in body]
+    assert [answer["id"] for answer in answers] == [1, 2], "no response to the replayed initialize"
+    assert answers[0]["error"]["code"] == ErrorCode.REQUEST_INTERRUPTED
+    assert answers[1]["result"]["content"][0]["text"] == "hi"
+
+
+async def test_redis_outage_fails_calls_fast_and_the_session_goes_on_after_a_restart(redis_prefix: str) -> None:
+    with RedisProcess("--appendonly", "yes") as redis, anyio.fail_after(90):  # persisted, as in production
+        async with workers(redis.url, redis_prefix) as started:
+            proxy = CuttingProxy([worker.url for worker in started])
+            async with proxy.running() as balancer:
+                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
+                async with Client(transport, mode="legacy") as client:
+                    assert _text(await client.call_tool("echo", {"text": "up"})) == "up"
+                    redis.stop()
+                    for _ in range(3):  # each POST lands on another worker: owner or not, the same
+                        with anyio.fail_after(10), pytest.raises(MCPError) as down:
+                            await client.call_tool("echo", {"text": "down"})
+                        assert down.value.error.code == types.CONNECTION_CLOSED
+                    async with httpx2.AsyncClient() as http:
+                        refused = await http.get(f"{started[0].url}/sse")
+                    assert refused.status_code == 503 and refused.text == "Session store unavailable"
+                    assert refused.headers["retry-after"] == "1"
+                    redis.start()
+                    assert _text(await client.call_tool("echo", {"text": "back"})) == "back"
+                    assert await _countdown(client, 20) == list(range(1, 21))
