@@ -155,11 +155,17 @@ class Cluster:
     def _worker_channel(self, worker_id: str) -> bytes:
         return f"{self._prefix}worker:{worker_id}".encode()
 
+    def check_running(self) -> None:
+        """Raise RuntimeError unless the transport was entered (``async with``): a worker that
+        is not subscribed to its channel would never get what other workers send it."""
+        if self._task_group is None:
+            raise RuntimeError("the cluster is not running: enter the transport with `async with` first")
+
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
         """Where work that outlives a request runs (sessions taken over, relayed streams)."""
-        if self._task_group is None:
-            raise RuntimeError("the cluster is not running: enter the transport with `async with` first")
+        self.check_running()
+        assert self._task_group is not None
         return self._task_group
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -323,6 +323,8 @@ class SseServerTransport:
         """
         if scope["type"] != "http":
             raise ValueError("connect_sse can only handle HTTP requests")
+        if self._cluster is not None:
+            self._cluster.check_running()
         request = Request(scope, receive)
         error_response = await self._security.validate_request(request, is_post=False)
         if error_response is None and self._registry.shutting_down:
@@ -446,6 +448,8 @@ class SseServerTransport:
         """ASGI app for the message endpoint: 405 to anything but POST, 413 over the body limit."""
         if scope["method"] != "POST":
             return await Response(status_code=405, headers={"Allow": "POST"})(scope, receive, send)
+        if self._cluster is not None:
+            self._cluster.check_running()
         await self._post_message_app(scope, receive, send)
 
     async def _handle_post_message(self, scope: Scope, receive: Receive, send: Send) -> None:

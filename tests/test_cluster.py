@@ -217,3 +217,37 @@ async def test_redis_outage_fails_calls_fast_and_the_session_goes_on_after_a_res
                     redis.start()
                     assert _text(await client.call_tool("echo", {"text": "back"})) == "back"
                     assert await _countdown(client, 20) == list(range(1, 21))
+
+
+async def test_sigterm_hands_the_session_to_another_worker_without_waiting_for_the_lease(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # A lease far longer than the test may take: only a handed-off session can move in time.
+    with anyio.fail_after(30):
+        async with workers(redis_url, redis_prefix, owner_lease=600) as started:
+            proxy = CuttingProxy([worker.url for worker in started])
+            async with proxy.running() as balancer:
+                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
+                async with Client(transport, mode="legacy") as client:
+                    assert _text(await client.call_tool("echo", {"text": "before"})) == "before"
+                    owner = next(worker for worker in started if worker.port == proxy.routed[0][1])
+                    started_counting = anyio.Event()
+
+                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                        started_counting.set()
+
+                    async def stop_owner() -> None:
+                        await started_counting.wait()
+                        owner.process.terminate()
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(stop_owner)
+                        with pytest.raises(MCPError) as interrupted:
+                            await client.call_tool(
+                                "countdown", {"steps": 1000, "interval": 0.01}, progress_callback=on_progress
+                            )
+                    assert interrupted.value.error.code == ErrorCode.REQUEST_INTERRUPTED
+                    for n in range(3):
+                        assert _text(await client.call_tool("echo", {"text": f"after {n}"})) == f"after {n}"
+                    # uvicorn finishes its graceful shutdown, then re-raises the signal it captured.
+                    assert await owner.process.wait() == -signal.SIGTERM
