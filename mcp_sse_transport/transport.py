@@ -416,18 +416,24 @@ class SseServerTransport:
     async def _find_resumable(
         self, last_event_id: str, scope: Scope, receive: Receive, send: Send
     ) -> Callable[[], Coroutine[Any, Any, None]] | None:
-        """What serves the resume a Last-Event-ID asks for, if this credential may resume it."""
+        """What serves the resume a Last-Event-ID asks for, if this credential may resume it.
+        Answers 503 itself if the store cannot be reached."""
         parsed = parse_event_id(last_event_id)
         if parsed is None:
             return None
         session_id, token = parsed
         session = self._registry.get(session_id)
-        if session is None and self._cluster is not None:
-            return await self._find_in_cluster(session_id, token, scope, receive, send)
-        if session is None or session.handler.ended or _owner(scope) != session.owner:
-            return None
-        if await self._store.replay(session_id, token, until=token) is None:  # valid, without the events
-            return None
+        try:
+            if session is None and self._cluster is not None:
+                return await self._find_in_cluster(session_id, token, scope, receive, send)
+            if session is None or session.handler.ended or _owner(scope) != session.owner:
+                return None
+            if await self._store.replay(session_id, token, until=token) is None:  # valid, without the events
+                return None
+        except StoreError as exc:
+            logger.warning("resume refused: %s", exc)
+            await self._unavailable("Session store unavailable")(scope, receive, send)
+            raise RequestRejected("Session store unavailable") from exc
         logger.info("session %s: resuming", session.handler.tag)
         preface = self._endpoint_event(scope, session_id, first=False)
         return partial(stream_session, session.handler, scope, receive, send, preface, after=token)
@@ -581,18 +587,13 @@ class SseServerTransport:
         self, session_id: str, token: str, scope: Scope, receive: Receive, send: Send
     ) -> Callable[[], Coroutine[Any, Any, None]] | None:
         """What serves the resume of a session this worker does not hold, if Redis knows it and
-        it belongs to this credential. Answers 503 itself if Redis cannot be reached."""
+        it belongs to this credential."""
         assert self._cluster is not None
-        try:
-            entry = await self._cluster.lookup(session_id)
-            if entry is None or entry.fingerprint != _owner(scope):
-                return None
-            if await self._store.replay(session_id, token, until=token) is None:
-                return None
-        except StoreError as exc:
-            logger.warning("resume refused: %s", exc)
-            await self._unavailable("Session store unavailable")(scope, receive, send)
-            raise RequestRejected("Session store unavailable") from exc
+        entry = await self._cluster.lookup(session_id)
+        if entry is None or entry.fingerprint != _owner(scope):
+            return None
+        if await self._store.replay(session_id, token, until=token) is None:
+            return None
         logger.info("session %s: resuming another worker's session", session_tag(session_id))
         return partial(self._resume_in_cluster, session_id, token, entry, scope, receive, send)
 

@@ -14,6 +14,7 @@ import anyio
 import anyio.abc
 from starlette.types import ASGIApp
 
+from examples.balancer import RoundRobin, splice
 from mcp_sse_transport import uvicorn_server
 
 
@@ -186,29 +187,18 @@ class CuttingProxy:
     """A TCP proxy on 127.0.0.1 whose open connections a test can cut at any moment, as a
     network drop would: both sides are shut down, whatever was in flight is lost.
 
-    With several upstreams it is a round-robin load balancer: each connection goes to the next
-    upstream that accepts it (one refusing connections, a dead worker, is skipped)."""
+    With several upstreams it is the example round-robin balancer: each connection goes to the
+    next upstream that accepts it (one refusing connections, a dead worker, is skipped)."""
 
     def __init__(self, upstream: str | Sequence[str], *, streams_only: bool = False) -> None:
-        upstreams = [upstream] if isinstance(upstream, str) else list(upstream)
-        self._upstreams = [(url.removeprefix("http://").split(":")[0], int(url.rsplit(":", 1)[1])) for url in upstreams]
-        self._turn = 0
+        urls = [upstream] if isinstance(upstream, str) else list(upstream)
+        self._balancer = RoundRobin([(url.split("//")[1].split(":")[0], int(url.rsplit(":", 1)[1])) for url in urls])
         self._streams_only = streams_only
         """Cut only connections that opened with a GET (event streams), never a POST in flight."""
         self._pairs: set[tuple[anyio.abc.SocketStream, anyio.abc.SocketStream]] = set()
         self.cuts = 0
         self.routed: list[tuple[str, int]] = []
         """Each connection's request method and the upstream port it went to, in order."""
-
-    async def _connect(self) -> tuple[anyio.abc.SocketStream, int]:
-        for _ in self._upstreams:
-            host, port = self._upstreams[self._turn % len(self._upstreams)]
-            self._turn += 1
-            try:
-                return await anyio.connect_tcp(host, port), port
-            except OSError:
-                continue
-        raise ConnectionRefusedError("no upstream accepts connections")
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
@@ -223,7 +213,7 @@ class CuttingProxy:
 
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
         try:
-            upstream, port = await self._connect()
+            upstream, port = await self._balancer.connect()
         except OSError:
             await client.aclose()
             return
@@ -237,10 +227,7 @@ class CuttingProxy:
         if not self._streams_only or first.startswith(b"GET "):
             self._pairs.add(pair)
         try:
-            await upstream.send(first)
-            async with client, upstream, anyio.create_task_group() as tg:
-                tg.start_soon(_pipe, client, upstream, tg.cancel_scope)
-                tg.start_soon(_pipe, upstream, client, tg.cancel_scope)
+            await splice(client, upstream, first)
         finally:
             self._pairs.discard(pair)
 
@@ -252,13 +239,3 @@ class CuttingProxy:
                 with suppress(OSError):  # the peer may have gone already
                     sock.shutdown(socket.SHUT_RDWR)
         self.cuts += 1
-
-
-async def _pipe(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
-    try:
-        async for data in source:
-            await sink.send(data)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        pass
-    finally:
-        scope.cancel()

@@ -202,7 +202,12 @@ async def test_redis_outage_fails_calls_fast_and_the_session_goes_on_after_a_res
         async with workers(redis.url, redis_prefix) as started:
             proxy = CuttingProxy([worker.url for worker in started])
             async with proxy.running() as balancer:
-                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
+                sessions: list[str] = []
+                transport = resumable_sse_client(
+                    f"{balancer}/sse",
+                    httpx_client_factory=one_request_per_connection,
+                    on_session_created=sessions.append,
+                )
                 async with Client(transport, mode="legacy") as client:
                     assert _text(await client.call_tool("echo", {"text": "up"})) == "up"
                     redis.stop()
@@ -210,10 +215,13 @@ async def test_redis_outage_fails_calls_fast_and_the_session_goes_on_after_a_res
                         with anyio.fail_after(10), pytest.raises(MCPError) as down:
                             await client.call_tool("echo", {"text": "down"})
                         assert down.value.error.code == types.CONNECTION_CLOSED
+                    resume = {"Last-Event-ID": f"{sessions[0]}:0"}
                     async with httpx2.AsyncClient() as http:
-                        refused = await http.get(f"{started[0].url}/sse")
-                    assert refused.status_code == 503 and refused.text == "Session store unavailable"
-                    assert refused.headers["retry-after"] == "1"
+                        for worker in started:  # a new session, or a resume on the owner or elsewhere
+                            for headers in ({}, resume):
+                                refused = await http.get(f"{worker.url}/sse", headers=headers)
+                                assert refused.status_code == 503 and refused.text == "Session store unavailable"
+                                assert refused.headers["retry-after"] == "1"
                     redis.start()
                     assert _text(await client.call_tool("echo", {"text": "back"})) == "back"
                     assert await _countdown(client, 20) == list(range(1, 21))
@@ -251,3 +259,32 @@ async def test_sigterm_hands_the_session_to_another_worker_without_waiting_for_t
                         assert _text(await client.call_tool("echo", {"text": f"after {n}"})) == f"after {n}"
                     # uvicorn finishes its graceful shutdown, then re-raises the signal it captured.
                     assert await owner.process.wait() == -signal.SIGTERM
+
+
+async def test_redis_restarted_empty_ends_the_session_with_clear_errors(redis_prefix: str) -> None:
+    with RedisProcess() as redis, anyio.fail_after(60):  # no persistence: a restart loses everything
+        async with workers(redis.url, redis_prefix, count=2) as started:
+            proxy = CuttingProxy([worker.url for worker in started])
+            async with proxy.running() as balancer:
+                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
+                async with Client(transport, mode="legacy") as client:
+                    assert _text(await client.call_tool("echo", {"text": "up"})) == "up"
+                    counting = anyio.Event()
+
+                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                        counting.set()
+
+                    async def restart_redis() -> None:
+                        await counting.wait()
+                        redis.stop()
+                        redis.start()
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(restart_redis)
+                        with pytest.raises(MCPError) as lost:
+                            await client.call_tool(
+                                "countdown", {"steps": 100_000, "interval": 0.01}, progress_callback=on_progress
+                            )
+                    # The session ended with STORE_UNAVAILABLE (an event could not be stored, or the
+                    # owner found Redis no longer knows it), and the client's resume was refused.
+                    assert lost.value.error.code == ErrorCode.RESUME_UNKNOWN

@@ -33,6 +33,7 @@ from typing import Any
 import mcp.server.mcpserver.server as _mcpserver_module
 import mcp.server.sse as _stock_module
 import pytest
+from mcp.server.lowlevel.server import Server
 from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, TransportSecuritySettings
 
 import mcp_sse_transport
@@ -60,10 +61,13 @@ class SseServerTransport(mcp_sse_transport.SseServerTransport):
         *,
         config: SseConfig | None = None,
         event_store: EventStore | None = None,
+        server: Server[Any] | None = None,
     ) -> None:
         if config is None and _session_grace is not None:
             config = SseConfig(session_grace=_session_grace)
-        super().__init__(endpoint, security_settings, max_request_body_size, config=config, event_store=event_store)
+        super().__init__(
+            endpoint, security_settings, max_request_body_size, config=config, event_store=event_store, server=server
+        )
 
 
 SWAPPED = SseServerTransport
