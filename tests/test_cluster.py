@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import random
 import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
 import httpx2
@@ -17,7 +20,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_sse_transport import ErrorCode
 from mcp_sse_transport.client import resumable_sse_client
 
-from ._cluster import one_request_per_connection, workers
+from ._cluster import Worker, one_request_per_connection, workers
 from ._redis import RedisProcess
 from ._support import CuttingProxy, RawSseStream, SseEvent
 from .test_resume import start_session
@@ -58,22 +61,83 @@ async def _countdown_with_cuts(client: Client, steps: int, proxy: CuttingProxy, 
     return received
 
 
+async def _interrupted_countdown(
+    client: Client, interrupt: Callable[[], object], at: int = 1
+) -> tuple[int, list[float]]:
+    """Call a long countdown and ``interrupt`` once ``at`` progress notifications arrived; the call
+    must fail: returns its error code and the progress received."""
+    received: list[float] = []
+    reached = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        received.append(progress)
+        if len(received) == at:
+            reached.set()
+
+    async def interrupt_when_reached() -> None:
+        await reached.wait()
+        interrupt()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(interrupt_when_reached)
+        with pytest.raises(MCPError) as failed:
+            await client.call_tool("countdown", {"steps": 100_000, "interval": 0.01}, progress_callback=on_progress)
+    return failed.value.error.code, received
+
+
+@dataclass
+class Balanced:
+    """Workers behind a round-robin balancer, and a client connected through it."""
+
+    workers: list[Worker]
+    proxy: CuttingProxy
+    client: Client
+    sessions: list[str]
+    """The session id the client's transport reported (the resuming client only)."""
+
+    def worker(self, port: int) -> Worker:
+        return next(worker for worker in self.workers if worker.port == port)
+
+    @property
+    def owner(self) -> Worker:
+        """The worker the session's first GET reached, which opened the session."""
+        return self.worker(self.proxy.routed[0][1])
+
+
+@asynccontextmanager
+async def balanced(
+    redis_url: str, prefix: str, count: int = 3, *, stock: bool = False, streams_only: bool = False, **options: float
+) -> AsyncIterator[Balanced]:
+    """``count`` workers behind the balancer, and an SDK ``Client`` through it on the resuming
+    client (or, with ``stock``, the SDK's own ``sse_client``), every request on a new connection."""
+    async with workers(redis_url, prefix, count, **options) as started:
+        proxy = CuttingProxy([worker.url for worker in started], streams_only=streams_only)
+        async with proxy.running() as balancer:
+            sessions: list[str] = []
+            url = f"{balancer}/sse"
+            transport = (
+                sse_client(url, httpx_client_factory=one_request_per_connection)
+                if stock
+                else resumable_sse_client(
+                    url, httpx_client_factory=one_request_per_connection, on_session_created=sessions.append
+                )
+            )
+            async with Client(transport, mode="legacy") as client:
+                yield Balanced(started, proxy, client, sessions)
+
+
 async def test_sdk_client_calls_posted_to_every_worker_are_all_answered_exactly_once(
     redis_url: str, redis_prefix: str
 ) -> None:
     with anyio.fail_after(120):
-        async with workers(redis_url, redis_prefix) as started:
-            proxy = CuttingProxy([worker.url for worker in started])
-            async with proxy.running() as balancer:
-                transport = sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
-                async with Client(transport, mode="legacy") as client:
-                    for n in range(30):
-                        assert await _countdown(client, 10) == list(range(1, 11))
-                        assert _text(await client.call_tool("echo", {"text": f"call {n}"})) == f"call {n}"
-    (first_get, _), *rest = proxy.routed
+        async with balanced(redis_url, redis_prefix, stock=True) as cluster:
+            for n in range(30):
+                assert await _countdown(cluster.client, 10) == list(range(1, 11))
+                assert _text(await cluster.client.call_tool("echo", {"text": f"call {n}"})) == f"call {n}"
+    (first_get, _), *rest = cluster.proxy.routed
     assert first_get == "GET"
     posted_to = {port for method, port in rest if method == "POST"}
-    assert posted_to == {worker.port for worker in started}, "POSTs reached the owner and both other workers"
+    assert posted_to == {worker.port for worker in cluster.workers}, "POSTs reached the owner and both others"
 
 
 async def test_resuming_client_across_cut_streams_gets_every_event_once_in_order(
@@ -81,15 +145,11 @@ async def test_resuming_client_across_cut_streams_gets_every_event_once_in_order
 ) -> None:
     rng = random.Random(6)
     with anyio.fail_after(120):
-        async with workers(redis_url, redis_prefix) as started:
-            proxy = CuttingProxy([worker.url for worker in started], streams_only=True)
-            async with proxy.running() as balancer:
-                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
-                async with Client(transport, mode="legacy") as client:
-                    for _ in range(8):
-                        cut_at = sorted(rng.sample(range(1, 300), 3))
-                        assert await _countdown_with_cuts(client, 300, proxy, cut_at) == list(range(1, 301))
-    gets = [port for method, port in proxy.routed if method == "GET"]
+        async with balanced(redis_url, redis_prefix, streams_only=True) as cluster:
+            for _ in range(8):
+                cut_at = sorted(rng.sample(range(1, 300), 3))
+                assert await _countdown_with_cuts(cluster.client, 300, cluster.proxy, cut_at) == list(range(1, 301))
+    gets = [port for method, port in cluster.proxy.routed if method == "GET"]
     owner, resumes = gets[0], gets[1:]
     # A cut can land while the client is still reconnecting from the one before: count streams.
     assert len(resumes) >= 8
@@ -99,41 +159,19 @@ async def test_resuming_client_across_cut_streams_gets_every_event_once_in_order
 
 async def test_worker_killed_mid_call_its_session_goes_on_elsewhere(redis_url: str, redis_prefix: str) -> None:
     with anyio.fail_after(120):
-        async with workers(redis_url, redis_prefix) as started:
-            proxy = CuttingProxy([worker.url for worker in started])
-            async with proxy.running() as balancer:
-                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
-                async with Client(transport, mode="legacy") as client:
-                    assert _text(await client.call_tool("echo", {"text": "before"})) == "before"
-                    owner_port = proxy.routed[0][1]
-                    owner = next(worker for worker in started if worker.port == owner_port)
-                    received: list[float] = []
-                    halfway = anyio.Event()
-
-                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                        received.append(progress)
-                        if progress == 5:
-                            halfway.set()
-
-                    async def kill_owner() -> None:
-                        await halfway.wait()
-                        owner.process.send_signal(signal.SIGKILL)
-
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(kill_owner)
-                        with pytest.raises(MCPError) as interrupted:
-                            await client.call_tool(
-                                "countdown", {"steps": 1000, "interval": 0.01}, progress_callback=on_progress
-                            )
-                    assert interrupted.value.error.code == ErrorCode.REQUEST_INTERRUPTED
-                    assert received == list(range(1, len(received) + 1)), "what arrived came once, in order"
-                    # The same session goes on, on the other workers, without a new initialize.
-                    for n in range(5):
-                        assert _text(await client.call_tool("echo", {"text": f"after {n}"})) == f"after {n}"
-                    assert await _countdown(client, 20) == list(range(1, 21))
+        async with balanced(redis_url, redis_prefix) as cluster:
+            client, owner = cluster.client, cluster.owner
+            assert _text(await client.call_tool("echo", {"text": "before"})) == "before"
+            code, received = await _interrupted_countdown(client, lambda: owner.process.send_signal(signal.SIGKILL), 5)
+            assert code == ErrorCode.REQUEST_INTERRUPTED
+            assert received == list(range(1, len(received) + 1)), "what arrived came once, in order"
+            # The same session goes on, on the other workers, without a new initialize.
+            for n in range(5):
+                assert _text(await client.call_tool("echo", {"text": f"after {n}"})) == f"after {n}"
+            assert await _countdown(client, 20) == list(range(1, 21))
     assert await owner.process.wait() == -signal.SIGKILL
-    later = proxy.routed[proxy.routed.index(("GET", owner_port)) + 1 :]
-    assert later and all(port != owner_port for _, port in later[-5:])
+    later = cluster.proxy.routed[cluster.proxy.routed.index(("GET", owner.port)) + 1 :]
+    assert later and all(port != owner.port for _, port in later[-5:])
 
 
 def _token_order(event_id: str) -> tuple[int, int]:
@@ -199,32 +237,24 @@ async def test_takeover_replays_the_handshake_unseen_and_fails_only_the_unanswer
 
 async def test_redis_outage_fails_calls_fast_and_the_session_goes_on_after_a_restart(redis_prefix: str) -> None:
     with RedisProcess("--appendonly", "yes") as redis, anyio.fail_after(90):  # persisted, as in production
-        async with workers(redis.url, redis_prefix) as started:
-            proxy = CuttingProxy([worker.url for worker in started])
-            async with proxy.running() as balancer:
-                sessions: list[str] = []
-                transport = resumable_sse_client(
-                    f"{balancer}/sse",
-                    httpx_client_factory=one_request_per_connection,
-                    on_session_created=sessions.append,
-                )
-                async with Client(transport, mode="legacy") as client:
-                    assert _text(await client.call_tool("echo", {"text": "up"})) == "up"
-                    redis.stop()
-                    for _ in range(3):  # each POST lands on another worker: owner or not, the same
-                        with anyio.fail_after(10), pytest.raises(MCPError) as down:
-                            await client.call_tool("echo", {"text": "down"})
-                        assert down.value.error.code == types.CONNECTION_CLOSED
-                    resume = {"Last-Event-ID": f"{sessions[0]}:0"}
-                    async with httpx2.AsyncClient() as http:
-                        for worker in started:  # a new session, or a resume on the owner or elsewhere
-                            for headers in ({}, resume):
-                                refused = await http.get(f"{worker.url}/sse", headers=headers)
-                                assert refused.status_code == 503 and refused.text == "Session store unavailable"
-                                assert refused.headers["retry-after"] == "1"
-                    redis.start()
-                    assert _text(await client.call_tool("echo", {"text": "back"})) == "back"
-                    assert await _countdown(client, 20) == list(range(1, 21))
+        async with balanced(redis.url, redis_prefix) as cluster:
+            client = cluster.client
+            assert _text(await client.call_tool("echo", {"text": "up"})) == "up"
+            redis.stop()
+            for _ in range(3):  # each POST lands on another worker: owner or not, the same
+                with anyio.fail_after(10), pytest.raises(MCPError) as down:
+                    await client.call_tool("echo", {"text": "down"})
+                assert down.value.error.code == types.CONNECTION_CLOSED
+            resume = {"Last-Event-ID": f"{cluster.sessions[0]}:0"}
+            async with httpx2.AsyncClient() as http:
+                for worker in cluster.workers:  # a new session, or a resume on the owner or elsewhere
+                    for headers in ({}, resume):
+                        refused = await http.get(f"{worker.url}/sse", headers=headers)
+                        assert refused.status_code == 503 and refused.text == "Session store unavailable"
+                        assert refused.headers["retry-after"] == "1"
+            redis.start()
+            assert _text(await client.call_tool("echo", {"text": "back"})) == "back"
+            assert await _countdown(client, 20) == list(range(1, 21))
 
 
 async def test_sigterm_hands_the_session_to_another_worker_without_waiting_for_the_lease(
@@ -232,59 +262,27 @@ async def test_sigterm_hands_the_session_to_another_worker_without_waiting_for_t
 ) -> None:
     # A lease far longer than the test may take: only a handed-off session can move in time.
     with anyio.fail_after(30):
-        async with workers(redis_url, redis_prefix, owner_lease=600) as started:
-            proxy = CuttingProxy([worker.url for worker in started])
-            async with proxy.running() as balancer:
-                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
-                async with Client(transport, mode="legacy") as client:
-                    assert _text(await client.call_tool("echo", {"text": "before"})) == "before"
-                    owner = next(worker for worker in started if worker.port == proxy.routed[0][1])
-                    started_counting = anyio.Event()
-
-                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                        started_counting.set()
-
-                    async def stop_owner() -> None:
-                        await started_counting.wait()
-                        owner.process.terminate()
-
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(stop_owner)
-                        with pytest.raises(MCPError) as interrupted:
-                            await client.call_tool(
-                                "countdown", {"steps": 1000, "interval": 0.01}, progress_callback=on_progress
-                            )
-                    assert interrupted.value.error.code == ErrorCode.REQUEST_INTERRUPTED
-                    for n in range(3):
-                        assert _text(await client.call_tool("echo", {"text": f"after {n}"})) == f"after {n}"
-                    # uvicorn finishes its graceful shutdown, then re-raises the signal it captured.
-                    assert await owner.process.wait() == -signal.SIGTERM
+        async with balanced(redis_url, redis_prefix, owner_lease=600) as cluster:
+            client, owner = cluster.client, cluster.owner
+            assert _text(await client.call_tool("echo", {"text": "before"})) == "before"
+            code, _ = await _interrupted_countdown(client, owner.process.terminate)
+            assert code == ErrorCode.REQUEST_INTERRUPTED
+            for n in range(3):
+                assert _text(await client.call_tool("echo", {"text": f"after {n}"})) == f"after {n}"
+            # uvicorn finishes its graceful shutdown, then re-raises the signal it captured.
+            assert await owner.process.wait() == -signal.SIGTERM
 
 
 async def test_redis_restarted_empty_ends_the_session_with_clear_errors(redis_prefix: str) -> None:
     with RedisProcess() as redis, anyio.fail_after(60):  # no persistence: a restart loses everything
-        async with workers(redis.url, redis_prefix, count=2) as started:
-            proxy = CuttingProxy([worker.url for worker in started])
-            async with proxy.running() as balancer:
-                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
-                async with Client(transport, mode="legacy") as client:
-                    assert _text(await client.call_tool("echo", {"text": "up"})) == "up"
-                    counting = anyio.Event()
+        async with balanced(redis.url, redis_prefix, count=2) as cluster:
+            assert _text(await cluster.client.call_tool("echo", {"text": "up"})) == "up"
 
-                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                        counting.set()
+            def restart_redis() -> None:
+                redis.stop()
+                redis.start()
 
-                    async def restart_redis() -> None:
-                        await counting.wait()
-                        redis.stop()
-                        redis.start()
-
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(restart_redis)
-                        with pytest.raises(MCPError) as lost:
-                            await client.call_tool(
-                                "countdown", {"steps": 100_000, "interval": 0.01}, progress_callback=on_progress
-                            )
-                    # The session ended with STORE_UNAVAILABLE (an event could not be stored, or the
-                    # owner found Redis no longer knows it), and the client's resume was refused.
-                    assert lost.value.error.code == ErrorCode.RESUME_UNKNOWN
+            code, _ = await _interrupted_countdown(cluster.client, restart_redis)
+            # The session ended with STORE_UNAVAILABLE (an event could not be stored, or the owner
+            # found Redis no longer knows it), and the client's resume was refused.
+            assert code == ErrorCode.RESUME_UNKNOWN

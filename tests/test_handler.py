@@ -29,6 +29,7 @@ from mcp_sse_transport import (
     encode_event,
 )
 from mcp_sse_transport.events import HEARTBEAT
+from mcp_sse_transport.ids import parse_event_id
 
 from ._handlers import parse, quiet_config
 
@@ -569,34 +570,46 @@ async def test_connection_lost_without_grace_releases_waiting_producers() -> Non
             await handler.send("late")
 
 
+async def drop_and_resume(handler: SessionHandler) -> tuple[Runner, Runner, RecordingSink]:
+    """A connection that saw e1, had e2 in flight and missed e3 drops; e4 comes while detached;
+    a resume from the last id the client saw, then e5 live, then close. Returns both runs and the
+    resumed connection's sink."""
+    first_sink = RecordingSink(gated=True)
+    second_sink = RecordingSink()
+    async with anyio.create_task_group() as tg:
+        first = await start(tg, handler, first_sink)
+        await handler.send("e1")
+        first_sink.allow()
+        await first_sink.wait_for(lambda: first_sink.completed == 1)  # the client saw e1
+        await handler.send("e2")
+        await first_sink.wait_chunks(2)  # e2 is in flight and never arrives
+        await handler.send("e3")
+        handler.connection_lost()
+        await first.done.wait()
+        stats = handler.statistics()
+        assert (stats.state, stats.attached, handler.failed) == (SessionState.OPEN, False, False)
+        await handler.send("e4")  # produced while detached
+        seen = parse(first_sink.chunks[0])
+        assert [event.data for event in seen] == ["e1"]
+        parsed = parse_event_id(seen[0].id or "")
+        assert parsed is not None and parsed[0] == handler.session_id
+        second = await start(tg, handler, second_sink, after=parsed[1])
+        await handler.send("e5")  # live, after the replay
+        await handler.close()
+        await second.done.wait()
+    return first, second, second_sink
+
+
 async def test_connection_lost_with_grace_keeps_session_and_resume_replays_missed_events() -> None:
     with anyio.fail_after(5):
         handler = new_handler()
-        first_sink = RecordingSink(gated=True)
-        second_sink = RecordingSink()
-        async with anyio.create_task_group() as tg:
-            first = await start(tg, handler, first_sink)
-            await handler.send("e1")
-            first_sink.allow()
-            await first_sink.wait_for(lambda: first_sink.completed == 1)  # the client saw e1
-            await handler.send("e2")
-            await first_sink.wait_chunks(2)  # e2 is in flight and never arrives
-            await handler.send("e3")
-            handler.connection_lost()
-            await first.done.wait()
-            assert first.graceful is False
-            stats = handler.statistics()
-            assert (stats.state, stats.attached, handler.failed) == (SessionState.OPEN, False, False)
-            await handler.send("e4")  # produced while detached
-            second = await start(tg, handler, second_sink, after="1")
-            await handler.send("e5")  # live, after the replay
-            await handler.close()
-            await second.done.wait()
-        # Everything after the last event the client saw, exactly once, in order, same ids.
-        assert second_sink.data == b"".join(message(n, f"e{n}") for n in range(2, 6))
-        assert second.graceful is True
-        assert handler.state is SessionState.CLOSED
-        assert handler.statistics().connections == 2
+        first, second, second_sink = await drop_and_resume(handler)
+    assert first.graceful is False
+    # Everything after the last event the client saw, exactly once, in order, same ids.
+    assert second_sink.data == b"".join(message(n, f"e{n}") for n in range(2, 6))
+    assert second.graceful is True
+    assert handler.state is SessionState.CLOSED
+    assert handler.statistics().connections == 2
 
 
 # -- heartbeats ----------------------------------------------------------------------------------

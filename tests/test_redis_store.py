@@ -26,7 +26,7 @@ from mcp_sse_transport.redis_store import RedisEventStore
 
 from ._handlers import parse, quiet_config
 from ._redis import RedisProcess
-from .test_handler import RecordingSink, start
+from .test_handler import drop_and_resume
 
 pytestmark = pytest.mark.anyio
 
@@ -427,27 +427,7 @@ async def test_session_handler_resume_replays_missed_events_from_redis(redis_cli
     with anyio.fail_after(10):
         store = RedisEventStore(redis_client, prefix=redis_prefix)
         handler = SessionHandler(SESSION, quiet_config(), store)
-        first_sink = RecordingSink(gated=True)
-        second_sink = RecordingSink()
-        async with anyio.create_task_group() as tg:
-            first = await start(tg, handler, first_sink)
-            await handler.send("e1")
-            first_sink.allow()
-            await first_sink.wait_for(lambda: first_sink.completed == 1)  # the client saw e1
-            await handler.send("e2")
-            await first_sink.wait_chunks(2)  # e2 is in flight and never arrives
-            await handler.send("e3")
-            handler.connection_lost()
-            await first.done.wait()
-            await handler.send("e4")  # produced while detached
-            seen = parse(first_sink.chunks[0])
-            assert [e.data for e in seen] == ["e1"]
-            parsed = parse_event_id(seen[0].id or "")
-            assert parsed is not None and parsed[0] == SESSION
-            second = await start(tg, handler, second_sink, after=parsed[1])
-            await handler.send("e5")  # live, after the replay
-            await handler.close()
-            await second.done.wait()
+        _, second, second_sink = await drop_and_resume(handler)
         stored = await store.replay(SESSION, BEFORE_FIRST)
         assert stored is not None and [e.data for e in stored.events] == [b"e1", b"e2", b"e3", b"e4", b"e5"]
         # Everything after the last event the client saw, exactly once, in order, with the store's ids.
