@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT
 
 from .errors import StoreError
@@ -74,24 +74,33 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class _SessionLock:
-    """Serializes one session's appends; ``users`` counts holders and waiters, so the lock is
-    forgotten once nobody needs it."""
+class _Append:
+    """One append waiting in the store's batch: its arguments, then its outcome."""
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("abandoned", "args", "done", "failure", "key", "lead", "session_id", "token")
 
-    def __init__(self) -> None:
-        self.lock = anyio.Lock()
-        self.users = 0
+    def __init__(self, session_id: str, key: str, args: list[EncodableT]) -> None:
+        self.session_id = session_id
+        self.key = key
+        self.args = args
+        self.done = anyio.Event()
+        self.lead = False
+        """Woken to send the next batch, not because this append is done."""
+        self.abandoned = False
+        """Its caller was cancelled while waiting: it still goes out, but cannot send a batch."""
+        self.token: str | None = None
+        self.failure: BaseException | None = None
 
 
 class RedisEventStore:
     """An :class:`~mcp_sse_transport.store.EventStore` on Redis Streams.
 
-    Redis orders entries by arrival, and concurrent appends from one process may arrive in any
-    order over a pool's connections, so appends for one session are serialized here: they
-    return tokens in call order and complete in that order. Different sessions do not wait on
-    each other. Every Redis failure is raised as :class:`StoreError`, the original as its cause.
+    Appends queue up and go out in batches, one pipeline (one round trip, one connection) per
+    batch: Redis runs them in order, so a session's tokens follow call order, and appends that
+    arrive together, from any sessions, share a round trip instead of waiting for one each. One
+    caller at a time sends a batch and hands over to the next waiting one, so nobody sends for
+    others for long. Every Redis failure is raised as :class:`StoreError`, the original as its
+    cause.
     """
 
     def __init__(
@@ -111,7 +120,8 @@ class RedisEventStore:
         self.max_events = max_events
         self.max_age = max_age
         self._max_age_ms = max(1, math.ceil(max_age * 1000))
-        self._locks: dict[str, _SessionLock] = {}
+        self._batch: list[_Append] = []
+        self._sending = False
         self._append = redis.register_script(_APPEND)
 
     def key(self, session_id: str) -> str:
@@ -130,25 +140,75 @@ class RedisEventStore:
         return f"{max(0, int(time.time() * 1000) - self._max_age_ms)}-0"
 
     async def append(self, session_id: str, event: str | None, data: bytes) -> str:
-        """Add one event (``XADD *`` with an exact ``MAXLEN``, then renew the key's expiry, in one
-        round trip); returns its entry id."""
+        """Add one event (``XADD *`` with an exact ``MAXLEN`` and the key's expiry renewed, in a
+        script); returns its entry id once Redis has it."""
         args: list[EncodableT] = [self.max_events, self._max_age_ms, b"" if event is None else event.encode(), data]
-        # No await before the lock is taken: anyio's lock is FIFO, so call order is lock order.
-        entry = self._locks.get(session_id)
-        if entry is None:
-            entry = self._locks[session_id] = _SessionLock()
-        entry.users += 1
+        entry = _Append(session_id, self.key(session_id), args)
+        self._batch.append(entry)  # no await before: the queue is in call order
+        if self._sending:
+            try:
+                await entry.done.wait()
+            except BaseException:
+                entry.abandoned = True
+                if entry.lead:  # handed the batch just as it was cancelled: send it anyway
+                    with anyio.CancelScope(shield=True):
+                        await self._lead()
+                raise
+            if not entry.lead:
+                return self._outcome(entry)
+        self._sending = True
+        # Shielded: the appends of other callers ride on this one's round trip.
+        with anyio.CancelScope(shield=True):
+            await self._lead()
+        return self._outcome(entry)
+
+    async def _lead(self) -> None:
+        """Send what is queued, then hand the next batch to a waiting caller, or stop sending."""
+        while True:
+            batch, self._batch = self._batch, []
+            await self._send(batch)
+            successor = next((entry for entry in self._batch if not entry.abandoned), None)
+            if successor is not None:
+                successor.lead = True
+                successor.done.set()
+                return
+            if not self._batch:
+                self._sending = False
+                return
+            # Only abandoned appends are queued: nobody else will send them.
+
+    async def _send(self, batch: list[_Append]) -> None:
+        """One round trip for the whole batch; each append gets its token or its failure."""
+        results: list[Any]
         try:
-            async with entry.lock:
-                try:
-                    token: bytes | str = await self._append(keys=[self.key(session_id)], args=args)
-                except (RedisError, OSError) as exc:
-                    self._fail("append", session_id, exc)
-        finally:
-            entry.users -= 1
-            if entry.users == 0 and self._locks.get(session_id) is entry:
-                del self._locks[session_id]
-        return _text(token)
+            if len(batch) == 1:  # the script object itself, which loads the script when Redis lost it
+                results = [await self._append(keys=[batch[0].key], args=batch[0].args)]
+            else:
+                results = await self._send_pipelined(batch)
+                if isinstance(results[0], NoScriptError):  # Redis restarted: none of them ran
+                    await self.redis.script_load(_APPEND)
+                    results = await self._send_pipelined(batch)
+        except Exception as exc:  # any failure to send fails every append of the batch
+            results = [exc] * len(batch)
+        for entry, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                entry.failure = result
+            else:
+                entry.token = _text(result)
+            entry.lead = False
+            entry.done.set()
+
+    async def _send_pipelined(self, batch: list[_Append]) -> list[Any]:
+        # EVALSHA by hand: a Script in a pipeline asks SCRIPT EXISTS first, a round trip more.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in batch:
+                pipe.evalsha(self._append.sha, 1, entry.key, *entry.args)
+            return await pipe.execute(raise_on_error=False)
+
+    def _outcome(self, entry: _Append) -> str:
+        if entry.token is None:
+            self._fail("append", entry.session_id, entry.failure or RuntimeError("append was not sent"))
+        return entry.token
 
     async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
         """Events with ids after ``after`` up to and including ``until``, age-trimmed first; one
@@ -219,8 +279,7 @@ class RedisEventStore:
             self._fail("trim", session_id, exc)
 
     async def drop(self, session_id: str) -> None:
-        """Delete the session's stream and forget its append lock."""
-        self._locks.pop(session_id, None)
+        """Delete the session's stream."""
         try:
             await self.redis.delete(self.key(session_id))
         except (RedisError, OSError) as exc:

@@ -22,7 +22,7 @@ from mcp_sse_transport import BEFORE_FIRST, EventStore, InMemoryEventStore, Repl
 from mcp_sse_transport.errors import StoreError, StoreUnavailableError
 from mcp_sse_transport.handler import session_tag
 from mcp_sse_transport.ids import format_event_id, parse_event_id
-from mcp_sse_transport.redis_store import RedisEventStore
+from mcp_sse_transport.redis_store import RedisEventStore, _Append
 
 from ._handlers import parse, quiet_config
 from ._redis import RedisProcess
@@ -169,11 +169,57 @@ async def test_concurrent_appends_keep_call_order_and_other_sessions_do_not_wait
         assert sorted(calls) == list(range(50))
         assert strictly_increasing([tokens[n] for n in calls])
         assert [n for session_id, n in completed if session_id == SESSION] == calls
-        # The other session's append started after all 50 but did not queue behind them.
-        assert completed.index((OTHER, 0)) < completed.index((SESSION, calls[-1]))
         assert payloads(await store.replay(SESSION, BEFORE_FIRST)) == [f"{n}".encode() for n in calls]
         assert payloads(await store.replay(OTHER, BEFORE_FIRST)) == [b"0"]
-        assert store._locks == {}  # a session's lock is forgotten once no append holds or awaits it
+        assert store._batch == [] and not store._sending  # nothing left queued, nobody sending
+
+
+async def test_appends_whose_callers_are_cancelled_never_hold_up_the_others(redis_process: RedisProcess) -> None:
+    client = Redis.from_url(redis_process.url, socket_timeout=10)
+    try:
+        with anyio.fail_after(20):
+            store = RedisEventStore(client, prefix="cancel:")
+            tokens: dict[int, str] = {}
+            scopes: dict[int, anyio.CancelScope] = {}
+
+            async def append(n: int) -> None:
+                with anyio.CancelScope() as scopes[n]:
+                    tokens[n] = await store.append(SESSION, None, f"{n}".encode())
+
+            await store.append(SESSION, None, b"connected")  # the pool holds a connection
+            redis_process.pause()  # the first append's round trip hangs: the others queue behind it
+            async with anyio.create_task_group() as tg:
+                for n in range(30):
+                    tg.start_soon(append, n)
+                await anyio.wait_all_tasks_blocked()
+                cancelled = {*range(1, 30, 3), 29}  # waiting ones, the last one among them
+                for n in {0, *cancelled}:  # and the one sending, whose round trip is shielded
+                    scopes[n].cancel()
+                redis_process.resume()
+            assert set(tokens) == set(range(30)) - cancelled
+            assert strictly_increasing([tokens[n] for n in sorted(tokens)])
+            assert store._batch == [] and not store._sending
+            # The sender's append was shielded, and the cancelled waiters' still went out: all 30 stored.
+            assert len(payloads(await store.replay(SESSION, BEFORE_FIRST))) == 31
+    finally:
+        await client.aclose()
+
+
+async def test_a_batch_reloads_the_script_redis_forgot(redis_client: Redis, redis_prefix: str) -> None:
+    with anyio.fail_after(10):
+        store = RedisEventStore(redis_client, prefix=redis_prefix)
+        await store.append(SESSION, None, b"first")
+        await redis_client.script_flush()  # as a restarted Redis would have
+        # A batch of several goes out pipelined, where a missing script fails every append.
+        batch = [
+            _Append(SESSION, store.key(SESSION), [store.max_events, 60_000, b"", f"{n}".encode()]) for n in range(3)
+        ]
+        await store._send(batch)
+        assert all(entry.failure is None for entry in batch)
+        tokens = [entry.token or "" for entry in batch]
+        assert strictly_increasing(tokens)
+        stored = payloads(await store.replay(SESSION, BEFORE_FIRST))
+        assert stored == [b"first", b"0", b"1", b"2"], "each appended once"
 
 
 # -- replay ----------------------------------------------------------------------------------------
@@ -317,7 +363,6 @@ async def test_drop_forgets_the_session(redis_client: Redis, redis_prefix: str) 
         assert await store.last_token(SESSION) is None
         assert payloads(await store.replay(OTHER, BEFORE_FIRST)) == [b"y"]
         await store.drop(SESSION)  # again: nothing to do
-        assert store._locks == {}
 
 
 # -- property: replay is the retained suffix ---------------------------------------------------------
@@ -398,7 +443,7 @@ async def test_dead_server_raises_store_error_promptly(redis_process: RedisProce
             with pytest.raises(StoreError) as drop_error:
                 await store.drop(SESSION)
             assert_store_error(drop_error.value, "drop")
-            assert store._locks == {}
+            assert store._batch == [] and not store._sending
     finally:
         await client.aclose()
 
