@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
@@ -144,7 +144,7 @@ class Cluster:
         self._release = redis.register_script(_RELEASE)
         self._task_group: anyio.abc.TaskGroup | None = None
         self.on_post: Callable[[dict[str, Any], bytes], Awaitable[int]] | None = None
-        self.on_attach: Callable[[dict[str, Any]], Coroutine[Any, Any, None]] | None = None
+        self.on_attach: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         self.on_lost: Callable[[str, bool], None] | None = None
 
     # -- keys ----------------------------------------------------------------------------------
@@ -167,6 +167,18 @@ class Cluster:
         self.check_running()
         assert self._task_group is not None
         return self._task_group
+
+    def spawn(self, what: str, function: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run ``function(*args)`` in the worker's task group; a failure is logged, never allowed
+        to end the worker (it would take every other session with it)."""
+
+        async def guarded() -> None:
+            try:
+                await function(*args)
+            except Exception:
+                logger.exception("cluster: %s failed", what)
+
+        self.task_group.start_soon(guarded)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -227,12 +239,12 @@ class Cluster:
     def _dispatch(self, header: dict[str, Any], body: bytes) -> None:
         kind = header.get("t")
         if kind == "post" and self.on_post is not None:
-            self.task_group.start_soon(self._answer_post, header, body)
+            self.spawn("a POST handed over by another worker", self._answer_post, header, body)
         elif kind == "posted" and (reply := self._replies.get(header["r"])) is not None:
             reply[1].append(int(header["s"]))
             reply[0].set()
         elif kind == "attach" and self.on_attach is not None:
-            self.task_group.start_soon(self.on_attach, header)
+            self.spawn("a stream relayed by another worker", self.on_attach, header)
         elif kind in ("chunk", "end") and (relay := self._relays.get(header["c"])) is not None:
             relay._deliver(header, body)
         elif kind == "ack" and (link := self._links.get(header["c"])) is not None:
@@ -338,18 +350,15 @@ class Cluster:
         async with _redis_errors("recording a request", session_id):
             await self.redis.sadd(self._key(session_id, "pending"), json.dumps(request_id))
 
-    async def remove_pending(self, session_id: str, request_id: str | int) -> None:
+    async def remove_pending(self, session_id: str, *request_ids: str | int) -> None:
+        """The requests were answered (their answers are stored)."""
         async with _redis_errors("recording a response", session_id):
-            await self.redis.srem(self._key(session_id, "pending"), json.dumps(request_id))
+            await self.redis.srem(self._key(session_id, "pending"), *(json.dumps(rid) for rid in request_ids))
 
-    async def take_pending(self, session_id: str) -> list[str | int]:
-        """The requests accepted and never answered, removed from the directory."""
-        key = self._key(session_id, "pending")
+    async def pending(self, session_id: str) -> list[str | int]:
+        """The requests accepted and not answered."""
         async with _redis_errors("reading unanswered requests", session_id):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.smembers(key)
-                pipe.delete(key)
-                members, _ = await pipe.execute()
+            members = await self.redis.smembers(self._key(session_id, "pending"))
         return sorted((cast(str | int, json.loads(member)) for member in members), key=str)
 
     # -- POSTs for another worker's session ----------------------------------------------------
@@ -377,11 +386,14 @@ class Cluster:
 
     async def _answer_post(self, header: dict[str, Any], body: bytes) -> None:
         assert self.on_post is not None
+        status = 500  # unless the owner answers: the sender must not wait out its timeout
         try:
             status = await self.on_post(header, body)
-        except Exception:
-            logger.exception("cluster: a POST handed over by another worker failed")
-            status = 500
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._reply(header, status)
+
+    async def _reply(self, header: dict[str, Any], status: int) -> None:
         try:
             await self._publish(header["f"], {"t": "posted", "r": header["r"], "s": status})
         except (RedisError, OSError) as exc:

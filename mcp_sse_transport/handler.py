@@ -156,6 +156,7 @@ class SessionHandler:
         "_changed",
         "_connection",
         "_connections",
+        "_deferred",
         "_events_sent",
         "_failure",
         "_final",
@@ -169,6 +170,7 @@ class SessionHandler:
         "_queue",
         "_state",
         "_store",
+        "_storing",
         "_yielded_at",
         "config",
         "session_id",
@@ -193,6 +195,11 @@ class SessionHandler:
         )
         self._id_prefix = format_event_id(session_id, "").encode()
         self._queue: list[tuple[bytes, int]] = []
+        self._deferred: list[tuple[str | None, bytes]] | None = None if self._append_nowait is not None else []
+        """Events sent and not yet stored, with a store that cannot store at once (Redis): the
+        writer stores all of them in one call before writing them, so producers never wait for
+        the store's round trips. ``None`` with a store that can (the in-memory one)."""
+        self._storing: anyio.Lock | None = None
         self._last_token = last_token
         self._final: bytes | None = None
         self._state = SessionState.OPEN
@@ -294,8 +301,7 @@ class SessionHandler:
         connection takes it.
 
         Raises :class:`GrantError` without a grant, with a spent one, another session's, or one
-        smaller than ``data``; :class:`StoreUnavailableError` if the store fails, which ends the
-        session with a ``STORE_UNAVAILABLE`` error event: an event that cannot be replayed is not sent.
+        smaller than ``data``.
         """
         if isinstance(data, str):
             data = data.encode()
@@ -303,20 +309,54 @@ class SessionHandler:
             self._ledger.withdraw(grant)
             raise self._error()
         self._ledger.commit(grant, len(data))
-        try:
-            token = await self._store.append(self.session_id, event, data)
-        except StoreError as exc:
-            self._ledger.release(1, len(data))
-            logger.error("session %s: the event store failed (%s); the session ends", self.tag, exc)
-            final = encode_error(ErrorCode.STORE_UNAVAILABLE, "Session store unavailable; the session ends")
-            self._fail(StoreUnavailableError, "the event store failed", final=final)
-            raise self._error() from exc
-        except BaseException:
-            self._ledger.release(1, len(data))
-            raise
-        if self._state is not SessionState.OPEN:  # ended while the store was busy
+        self._accept(data, event)
+
+    def _accept(self, data: bytes, event: str | None) -> None:
+        """Take a granted event: stored and queued at once, or deferred for the writer to store."""
+        if self._deferred is None:
+            assert self._append_nowait is not None
+            self._enqueue(data, event, self._append_nowait(self.session_id, event, data))
+        else:
+            self._deferred.append((event, data))
+            self._wake()
+
+    async def flush(self) -> None:
+        """Return once every event sent so far is in the store. A store that cannot store at once
+        (Redis) gets events in batches, from the writer; this stores what is left now, for a
+        caller that must know an event will survive this process (a response, say).
+
+        Raises :class:`StoreUnavailableError` if the store fails, which ends the session with a
+        ``STORE_UNAVAILABLE`` error event (an event that cannot be replayed is never written),
+        or the session's error if it has ended.
+        """
+        if self._deferred is not None and not await self._store_deferred():
             raise self._error()
-        self._enqueue(data, event, token)
+
+    async def _store_deferred(self) -> bool:
+        """Store the deferred events in one call, in order, and queue them for writing; False if
+        the session ended (the store failed, or something else ended it meanwhile)."""
+        if self._storing is None:
+            self._storing = anyio.Lock()
+        async with self._storing:  # also waits for a batch another task is storing
+            batch, self._deferred = self._deferred or [], []
+            if batch:
+                try:
+                    tokens = await self._append_many(batch)
+                except StoreError as exc:
+                    logger.error("session %s: the event store failed (%s); the session ends", self.tag, exc)
+                    final = encode_error(ErrorCode.STORE_UNAVAILABLE, "Session store unavailable; the session ends")
+                    self._fail(StoreUnavailableError, "the event store failed", final=final)
+                    return False
+                if not self.ended:
+                    for (event, data), token in zip(batch, tokens, strict=True):
+                        self._enqueue(data, event, token)
+        return not self.ended
+
+    async def _append_many(self, batch: list[tuple[str | None, bytes]]) -> list[str]:
+        append_many = getattr(self._store, "append_many", None)
+        if append_many is not None:
+            return list(await append_many(self.session_id, batch))
+        return [await self._store.append(self.session_id, event, data) for event, data in batch]
 
     def _enqueue(self, data: bytes, event: str | None, token: str) -> None:
         self._last_token = token
@@ -336,8 +376,8 @@ class SessionHandler:
         """
         if isinstance(data, str):
             data = data.encode()
-        if self._state is SessionState.OPEN and self._append_nowait is not None and self._ledger.take(len(data)):
-            self._enqueue(data, event, self._append_nowait(self.session_id, event, data))
+        if self._state is SessionState.OPEN and self._ledger.take(len(data)):
+            self._accept(data, event)
             now = time.monotonic()
             if now - self._yielded_at >= _YIELD_INTERVAL:
                 self._yielded_at = now
@@ -404,7 +444,7 @@ class SessionHandler:
             self._ledger.fail_waiting()
             self._wake()
             logger.debug("session %s closing", self.tag)
-            if self._connection is None and not self._queue:
+            if self._connection is None and not self._queue and not self._deferred:
                 self._end(SessionState.CLOSED)  # nothing left to deliver
             # Detached with events buffered: a resume within drain_timeout still delivers them.
         with anyio.move_on_after(self.config.drain_timeout, shield=True):
@@ -416,6 +456,8 @@ class SessionHandler:
     def _end(self, state: SessionState) -> None:
         self._state = state
         self._queue.clear()
+        if self._deferred:
+            self._deferred.clear()
         self._ledger.fail_waiting()
         self._ledger.release(self._ledger.buffered_events, self._ledger.buffered_bytes)
         self._notify_change()
@@ -518,9 +560,17 @@ class SessionHandler:
     async def _replay(self, sink: Sink, connection: Attachment, after: str) -> bool:
         """Re-send, from the store, every event after ``after`` up to the newest: buffered events
         included, which is why the buffer is emptied first. Events produced meanwhile queue up."""
+        if self._deferred is not None and not await self._store_deferred():
+            return False
         cut = self._last_token
         self._queue.clear()
-        self._ledger.release(self._ledger.buffered_events, self._ledger.buffered_bytes)
+        # The room of everything stored is given back (it is replayed from the store, and what a
+        # dropped connection had in flight is never released by it); events sent since keep theirs.
+        deferred = self._deferred or ()
+        self._ledger.release(
+            self._ledger.buffered_events - len(deferred),
+            self._ledger.buffered_bytes - sum(len(data) for _, data in deferred),
+        )
         if cut is None:
             return True
         try:
@@ -542,6 +592,10 @@ class SessionHandler:
         """Write buffered events, or a heartbeat when idle, until this connection stops. While
         idle the writer awaits ``closed`` itself: one task serves the connection both ways."""
         while not (connection.dead or connection.superseded):
+            if self._deferred:
+                if not await self._store_deferred():
+                    return
+                continue
             if self._queue:
                 chunk, events, size = self._take()
                 if not await self._write(sink, connection, chunk):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import anyio
@@ -142,25 +143,38 @@ class RedisEventStore:
     async def append(self, session_id: str, event: str | None, data: bytes) -> str:
         """Add one event (``XADD *`` with an exact ``MAXLEN`` and the key's expiry renewed, in a
         script); returns its entry id once Redis has it."""
-        args: list[EncodableT] = [self.max_events, self._max_age_ms, b"" if event is None else event.encode(), data]
-        entry = _Append(session_id, self.key(session_id), args)
-        self._batch.append(entry)  # no await before: the queue is in call order
+        return (await self.append_many(session_id, [(event, data)]))[0]
+
+    async def append_many(self, session_id: str, events: Sequence[tuple[str | None, bytes]]) -> list[str]:
+        """Add ``(event, data)`` pairs in order, in one round trip; returns their entry ids."""
+        key = self.key(session_id)
+        entries = [
+            _Append(
+                session_id, key, [self.max_events, self._max_age_ms, b"" if event is None else event.encode(), data]
+            )
+            for event, data in events
+        ]
+        if not entries:
+            return []
+        self._batch.extend(entries)  # no await before: the queue is in call order, and one batch takes all
+        first = entries[0]
         if self._sending:
             try:
-                await entry.done.wait()
+                await first.done.wait()
             except BaseException:
-                entry.abandoned = True
-                if entry.lead:  # handed the batch just as it was cancelled: send it anyway
+                for entry in entries:
+                    entry.abandoned = True
+                if first.lead:  # handed the batch just as it was cancelled: send it anyway
                     with anyio.CancelScope(shield=True):
                         await self._lead()
                 raise
-            if not entry.lead:
-                return self._outcome(entry)
+            if not first.lead:
+                return [self._outcome(entry) for entry in entries]
         self._sending = True
         # Shielded: the appends of other callers ride on this one's round trip.
         with anyio.CancelScope(shield=True):
             await self._lead()
-        return self._outcome(entry)
+        return [self._outcome(entry) for entry in entries]
 
     async def _lead(self) -> None:
         """Send what is queued, then hand the next batch to a waiting caller, or stop sending."""

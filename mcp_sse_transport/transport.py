@@ -114,6 +114,7 @@ class _ServerWriteStream:
         else:
             await self._session.handler.send(data)
         if answered is not None and self._cluster is not None:
+            await self._session.handler.flush()  # stored before it is struck off: this worker may die
             try:
                 await self._cluster.remove_pending(self._session.handler.session_id, answered)
             except StoreError as exc:  # the next event's append reports the store's failure
@@ -734,13 +735,17 @@ class SseServerTransport:
             if isinstance(message, types.JSONRPCRequest):
                 session.swallow = message.id
             await inbound.send(SessionMessage(message))
-        for request_id in await cluster.take_pending(session_id):
+        unanswered = await cluster.pending(session_id)
+        for request_id in unanswered:
             interrupted = _jsonrpc_error(
                 request_id,
                 "The server handling this request stopped before answering it",
                 ErrorCode.REQUEST_INTERRUPTED,
             )
             await handler.send(_dump(interrupted))
+        if unanswered:
+            await handler.flush()  # stored before they are struck off: this worker may die too
+            await cluster.remove_pending(session_id, *unanswered)
         self._registry.add(session_id, session)
         return session
 
@@ -787,7 +792,7 @@ class SseServerTransport:
                 auth_context_var.reset(context)
         if report is not None:
             assert self._cluster is not None
-            self._cluster.task_group.start_soon(report)
+            self._cluster.spawn("reporting a parse error", report)
         return response.status_code
 
     async def _on_attach(self, header: dict[str, Any]) -> None:
@@ -816,10 +821,11 @@ class SseServerTransport:
         assert self._cluster is not None
         if gone:
             message = "Session state was lost from Redis; the session ends"
-            self._cluster.task_group.start_soon(session.handler.send_error, ErrorCode.STORE_UNAVAILABLE, message)
+            end = session.handler.send_error
+            self._cluster.spawn("ending a lost session", end, ErrorCode.STORE_UNAVAILABLE, message)
         else:
             session.handed_off = True
-            self._cluster.task_group.start_soon(session.handler.shutdown)
+            self._cluster.spawn("handing a session off", session.handler.shutdown)
 
     async def _report_parse_error(self, session: _Session, body: bytes, err: ValidationError) -> None:
         """Put a parse failure on the stream as well as on the 400: stock clients drop a POST's

@@ -47,7 +47,8 @@ async def _countdown(client: Client, steps: int) -> list[float]:
 
 
 async def _countdown_with_cuts(client: Client, steps: int, proxy: CuttingProxy, cut_at: list[int]) -> list[float]:
-    """``_countdown``, with the event stream cut once the progress count reaches each of ``cut_at``."""
+    """``_countdown``, 2 ms a step, with the event stream cut once the progress count reaches each
+    of ``cut_at`` (paced, so a cut finds the stream live rather than its events already read)."""
     received: list[float] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -56,7 +57,7 @@ async def _countdown_with_cuts(client: Client, steps: int, proxy: CuttingProxy, 
             cut_at.pop(0)
             proxy.cut()
 
-    result = await client.call_tool("countdown", {"steps": steps}, progress_callback=on_progress)
+    result = await client.call_tool("countdown", {"steps": steps, "interval": 0.002}, progress_callback=on_progress)
     assert _text(result) == f"counted {steps} steps"
     return received
 
@@ -151,8 +152,9 @@ async def test_resuming_client_across_cut_streams_gets_every_event_once_in_order
                 assert await _countdown_with_cuts(cluster.client, 300, cluster.proxy, cut_at) == list(range(1, 301))
     gets = [port for method, port in cluster.proxy.routed if method == "GET"]
     owner, resumes = gets[0], gets[1:]
-    # A cut can land while the client is still reconnecting from the one before: count streams.
-    assert len(resumes) >= 8
+    # A cut can land while the client is still reading what arrived before it, or reconnecting
+    # from the cut before: not every cut makes a resume.
+    assert len(resumes) >= 12
     assert any(port != owner for port in resumes), "some resumes were relayed by another worker"
     assert owner in resumes, "and some were served by the owner itself"
 

@@ -26,7 +26,7 @@ from mcp_sse_transport.redis_store import RedisEventStore, _Append
 
 from ._handlers import parse, quiet_config
 from ._redis import RedisProcess
-from .test_handler import drop_and_resume
+from .test_handler import RecordingSink, drop_and_resume, start
 
 pytestmark = pytest.mark.anyio
 
@@ -489,9 +489,50 @@ async def test_session_handler_ends_when_redis_fails(redis_process: RedisProcess
         handler = SessionHandler(SESSION, quiet_config(), store)
         with anyio.fail_after(10):
             await handler.send("kept")
+            await handler.flush()
             redis_process.kill()
+            await handler.send("lost")  # producers do not wait for the store: the writer stores
             with pytest.raises(StoreUnavailableError):
-                await handler.send("lost")
+                await handler.flush()
             assert handler.failed
+            with pytest.raises(StoreUnavailableError):
+                await handler.send("after")
+    finally:
+        await client.aclose()
+
+
+async def test_session_handler_accounts_for_events_in_flight_and_sent_during_a_resume(
+    redis_process: RedisProcess,
+) -> None:
+    """A connection drops with a write in flight; an event comes while detached, another while
+    the resume stores what was waiting: every event arrives once, and the buffer's room is all
+    given back (not twice, not never)."""
+    client = Redis.from_url(redis_process.url, socket_timeout=10)
+    try:
+        with anyio.fail_after(10):
+            store = RedisEventStore(client, prefix="flight:")
+            handler = SessionHandler(SESSION, quiet_config(max_buffered_events=10), store)
+            first_sink = RecordingSink(gated=True)
+            second_sink = RecordingSink()
+            async with anyio.create_task_group() as tg:
+                first = await start(tg, handler, first_sink)
+                for n in range(1, 6):
+                    await handler.send(f"e{n}")
+                await first_sink.wait_chunks(1)  # stored, then taken by a write that never completes
+                handler.connection_lost()
+                await first.done.wait()
+                await handler.send("e6")  # while detached
+                redis_process.pause()  # the resume's storing of e6 waits on Redis...
+                second = await start(tg, handler, second_sink, after=BEFORE_FIRST)
+                await anyio.wait_all_tasks_blocked()
+                await handler.send("e7")  # ...while e7 is sent
+                redis_process.resume()
+                await second_sink.wait_for(lambda: b"e7" in second_sink.data)
+                assert handler.statistics().buffered_events == 0
+                for n in range(8, 20):  # the whole buffer is usable again
+                    await handler.send(f"e{n}")
+                await handler.close()
+                await second.done.wait()
+            assert [event.data for event in parse(second_sink.data)] == [f"e{n}" for n in range(1, 20)]
     finally:
         await client.aclose()
