@@ -147,7 +147,9 @@ class SessionHandler:
     :class:`SessionExpiredError` or :class:`ConnectionLostError` (all
     :class:`anyio.BrokenResourceError`) when the client is gone or too slow,
     :class:`SessionClosedError` (an :class:`anyio.ClosedResourceError`) after :meth:`close`,
-    :meth:`send_error` or :meth:`shutdown`.
+    :meth:`send_error` or :meth:`shutdown`, :class:`StoreUnavailableError` once the store failed.
+    Events are stored before they are written; with a store that cannot store at once, sends
+    do not wait for it, and :meth:`flush` returns once everything sent is stored.
     """
 
     __slots__ = (

@@ -42,6 +42,12 @@ class EventStore(Protocol):
 
     ``append`` must return ids in call order for a session (compare equal order to the order of
     the calls), and the tokens must not contain line breaks or NUL.
+
+    Two optional methods change how a :class:`~mcp_sse_transport.handler.SessionHandler` uses
+    a store: ``append_nowait(session_id, event, data) -> str``, synchronous, stores each event
+    as it is sent (the in-memory store); without it, sends do not wait for the store, and the
+    writer stores what is waiting before writing it, in one ``append_many(session_id, [(event,
+    data), ...]) -> [token, ...]`` call if the store has it (Redis), else one ``append`` each.
     """
 
     async def append(self, session_id: str, event: str | None, data: bytes) -> str:
