@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 from pathlib import Path
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse
 
-from mcp_sse_transport import SseConfig, run
+from mcp_sse_transport import SseConfig, run, sse_app
 
 mcp = MCPServer("mcp-sse-transport example")
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -54,7 +57,7 @@ def fail(reason: str = "this tool always fails") -> str:
     raise RuntimeError(reason)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -63,16 +66,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-prefix", default="mcp-sse:", help="prefix of this deployment's Redis keys")
     parser.add_argument("--owner-lease", type=float, default=5.0, help="seconds before a dead worker's sessions move")
     parser.add_argument("--retry", type=float, default=3.0, help="seconds clients wait before reconnecting")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = SseConfig(
+    return parser.parse_args(argv)
+
+
+def _config(args: argparse.Namespace) -> SseConfig:
+    return SseConfig(
         heartbeat_interval=args.heartbeat,
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
         owner_lease=args.owner_lease,
         retry_interval=args.retry,
     )
-    run(mcp, host=args.host, port=args.port, config=config)
+
+
+def app() -> Starlette:
+    """The app for uvicorn's own command line, options from ``$EXAMPLE_SERVER_ARGS``:
+    ``EXAMPLE_SERVER_ARGS="--redis-url redis://127.0.0.1:6379/0" uvicorn examples.server:app
+    --factory --workers 3 --http mcp_sse_transport.serving:H11Protocol``."""
+    return sse_app(mcp, config=_config(_arguments(shlex.split(os.environ.get("EXAMPLE_SERVER_ARGS", "")))))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(mcp, host=args.host, port=args.port, config=_config(args))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ class Cluster:
         self._prefix = config.redis_prefix
         self._channel = self._worker_channel(self.worker_id)
         self._owned: set[str] = set()
+        """Sessions whose leases this worker renews: the ones it serves."""
+        self._held: set[str] = set()
+        """Sessions whose leases this worker may still hold in Redis: given up on leaving."""
         self._replies: dict[str, tuple[anyio.Event, list[int]]] = {}
         self._relays: dict[str, Relay] = {}
         self._links: dict[str, _Link] = {}
@@ -200,6 +203,8 @@ class Cluster:
     ) -> bool | None:
         task_group, self._task_group = self.task_group, None
         task_group.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.forward_timeout):
+            await self._release_all()
         return await task_group.__aexit__(exc_type, exc_val, exc_tb)
 
     async def _listen(self, pubsub: Any) -> None:
@@ -300,6 +305,7 @@ class Cluster:
                 pipe.pexpire(self._key(session_id, "meta"), keep_ms)
                 await pipe.execute()
         self._owned.add(session_id)
+        self._held.add(session_id)
 
     async def lookup(self, session_id: str) -> DirectoryEntry | None:
         async with _redis_errors("looking up", session_id):
@@ -320,6 +326,7 @@ class Cluster:
             )
         if taken:
             self._owned.add(session_id)
+            self._held.add(session_id)
         return bool(taken)
 
     async def lease_remaining(self, session_id: str) -> float:
@@ -333,6 +340,23 @@ class Cluster:
         self._owned.discard(session_id)
         async with _redis_errors("releasing", session_id):
             await self._release([self._key(session_id, "owner")], [self.worker_id])
+        self._held.discard(session_id)
+
+    async def _release_all(self) -> None:
+        """Give up every lease this worker may still hold, leaving: one that a session's own
+        release missed (Redis was busy, or the worker cut short) would otherwise be waited out."""
+        held = list(self._held)
+        if not held:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for session_id in held:
+                    await self._release([self._key(session_id, "owner")], [self.worker_id], pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            logger.warning("cluster: could not give up %d lease(s) on leaving: %s", len(held), exc)
+        else:
+            self._held.clear()
 
     async def forget(self, session_id: str) -> None:
         """Remove an ended session from the directory, its events included."""
@@ -340,6 +364,7 @@ class Cluster:
         async with _redis_errors("forgetting", session_id):
             await self._release([self._key(session_id, "owner")], [self.worker_id])
             await self.redis.delete(self._key(session_id, "meta"), self._key(session_id, "pending"))
+        self._held.discard(session_id)
         await self.store.drop(session_id)
 
     async def record_handshake(self, session_id: str, field: str, body: bytes) -> None:

@@ -400,6 +400,11 @@ class SessionHandler:
         """Close for a server shutdown: the final event tells the client when to come back."""
         await self._close(encode_error(ErrorCode.SERVER_SHUTDOWN, "Server shutting down", retry=self.config.retry_ms))
 
+    def abort(self, reason: str) -> None:
+        """End the session at once, without draining (its server is going away): producers get
+        :class:`ConnectionLostError`, the connection is dropped."""
+        self._fail(ConnectionLostError, reason)
+
     def connection_lost(self) -> None:
         """The current connection is gone: stop writing; the session waits ``session_grace``."""
         if self._connection is not None:

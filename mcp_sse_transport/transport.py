@@ -388,13 +388,20 @@ class SseServerTransport:
                 tg.start_soon(serve_stream)
                 try:
                     yield read_stream, _ServerWriteStream(session, tg, self._cluster)
+                except anyio.get_cancelled_exc_class():
+                    # The worker is going away (a forced shutdown), not the session: end it here at
+                    # once, and with Redis another worker takes it over.
+                    session.handed_off = True
+                    session.handler.abort("this worker stopped serving it")
+                    raise
                 finally:
                     await session.handler.close()
         finally:
             self._registry.discard(session_id)
             inbound.close()
             read_stream.close()
-            await self._forget(session)
+            with anyio.CancelScope(shield=True):
+                await self._forget(session)
 
     def _unavailable(self, reason: str) -> Response:
         retry_after = str(max(1, round(self._config.retry_interval)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -29,37 +31,47 @@ class Worker:
         return f"http://127.0.0.1:{self.port}"
 
 
-async def _read_log(worker: Worker, ready: anyio.Event) -> None:
+READY = b"Application startup complete"
+"""uvicorn's line once a worker serves (its socket listens only then, even when bound before)."""
+
+
+async def _read_log(worker: Worker, ready: anyio.Event, processes: int) -> None:
     assert worker.process.stderr is not None
     async for chunk in worker.process.stderr:
         worker.log += chunk
-        if not ready.is_set() and b"Uvicorn running" in worker.log:  # the server's own readiness line
+        if not ready.is_set() and worker.log.count(READY) >= processes:
             ready.set()
     ready.set()  # exited: the caller sees it did not start
 
 
+def _options(redis_url: str, prefix: str, owner_lease: float, retry: float) -> list[str]:
+    options = ["--redis-url", redis_url, "--redis-prefix", prefix]
+    return [*options, "--owner-lease", str(owner_lease), "--retry", str(retry)]
+
+
 @asynccontextmanager
-async def workers(
-    redis_url: str, prefix: str, count: int = 3, *, owner_lease: float = 1.5, retry: float = 0.1
+async def _processes(
+    commands: list[tuple[list[str], dict[str, str] | None]], processes: int = 1
 ) -> AsyncIterator[list[Worker]]:
-    """``count`` example servers sharing ``redis_url``; each stopped with SIGTERM afterwards,
+    """Start each ``(command, extra environment)`` with a free port for ``{port}`` in it, and wait
+    until its ``processes`` uvicorn workers serve; each is stopped with SIGTERM afterwards,
     unless a test killed it."""
     started: list[Worker] = []
     async with anyio.create_task_group() as tg:
         try:
-            for _ in range(count):
+            for command, env in commands:
                 sock = free_socket()
                 port = sock.getsockname()[1]
                 sock.close()  # the child binds it; uvicorn sets SO_REUSEADDR
-                command = [sys.executable, "-m", "examples.server", "--port", str(port), "--redis-url", redis_url]
-                command += ["--redis-prefix", prefix, "--owner-lease", str(owner_lease), "--retry", str(retry)]
-                process = await anyio.open_process(command, cwd=ROOT, stderr=subprocess.PIPE)
+                argv = [part.replace("{port}", str(port)) for part in command]
+                environment = {**os.environ, **env} if env else None
+                process = await anyio.open_process(argv, cwd=ROOT, stderr=subprocess.PIPE, env=environment)
                 worker = Worker(port, process)
                 started.append(worker)
                 ready = anyio.Event()
-                tg.start_soon(_read_log, worker, ready)
+                tg.start_soon(_read_log, worker, ready, processes)
                 await ready.wait()
-                if process.returncode is not None or b"Uvicorn running" not in worker.log:
+                if process.returncode is not None or worker.log.count(READY) < processes:
                     raise RuntimeError(f"worker did not start:\n{worker.log.decode(errors='replace')}")
             yield started
         finally:
@@ -75,6 +87,31 @@ async def workers(
                         worker.process.kill()
                         await worker.process.wait()
             tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def workers(
+    redis_url: str, prefix: str, count: int = 3, *, owner_lease: float = 1.5, retry: float = 0.1
+) -> AsyncIterator[list[Worker]]:
+    """``count`` example servers (``python -m examples.server``) sharing ``redis_url``."""
+    command = [sys.executable, "-m", "examples.server", "--port", "{port}"]
+    command += _options(redis_url, prefix, owner_lease, retry)
+    async with _processes([(command, None)] * count) as started:
+        yield started
+
+
+@asynccontextmanager
+async def uvicorn_cli(
+    redis_url: str, prefix: str, *uvicorn_args: str, owner_lease: float = 1.5, retry: float = 0.1
+) -> AsyncIterator[Worker]:
+    """The example app under uvicorn's own command line (``examples.server:app``), options
+    through ``$EXAMPLE_SERVER_ARGS``, with ``uvicorn_args`` such as ``--workers 3``."""
+    command = [sys.executable, "-m", "uvicorn", "examples.server:app", "--factory", "--port", "{port}"]
+    command += ["--http", "mcp_sse_transport.serving:H11Protocol", *uvicorn_args]
+    env = {"EXAMPLE_SERVER_ARGS": shlex.join(_options(redis_url, prefix, owner_lease, retry))}
+    processes = int(uvicorn_args[uvicorn_args.index("--workers") + 1]) if "--workers" in uvicorn_args else 1
+    async with _processes([(command, env)], processes) as (worker,):
+        yield worker
 
 
 def one_request_per_connection(

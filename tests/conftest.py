@@ -13,11 +13,17 @@ from collections.abc import AsyncIterator, Iterator
 from uuid import uuid4
 
 import pytest
+from hypothesis import settings
 from redis.asyncio import Redis
 
 from ._redis import RedisProcess, RedisServerMissingError, redis_server_binary
 
 REDIS_URL_ENV = "MCP_SSE_TEST_REDIS_URL"
+
+# No per-example deadline: how long an example takes is the machine's load, not the code's
+# correctness (no timing thresholds in tests); every test is bounded by its own fail_after.
+settings.register_profile("mcp-sse-transport", deadline=None)
+settings.load_profile("mcp-sse-transport")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_sse_transport import ErrorCode
 from mcp_sse_transport.client import resumable_sse_client
 
-from ._cluster import Worker, one_request_per_connection, workers
+from ._cluster import Worker, one_request_per_connection, uvicorn_cli, workers
 from ._redis import RedisProcess
 from ._support import CuttingProxy, RawSseStream, SseEvent
 from .test_resume import start_session
@@ -288,3 +288,35 @@ async def test_redis_restarted_empty_ends_the_session_with_clear_errors(redis_pr
             # The session ended with STORE_UNAVAILABLE (an event could not be stored, or the owner
             # found Redis no longer knows it), and the client's resume was refused.
             assert code == ErrorCode.RESUME_UNKNOWN
+
+
+async def test_uvicorn_workers_on_one_port_share_sessions(redis_url: str, redis_prefix: str) -> None:
+    """``uvicorn --workers 3``: the kernel hands each connection to any of the three processes."""
+    with anyio.fail_after(60):
+        async with uvicorn_cli(redis_url, redis_prefix, "--workers", "3") as server:
+            transport = resumable_sse_client(f"{server.url}/sse", httpx_client_factory=one_request_per_connection)
+            async with Client(transport, mode="legacy") as client:
+                for n in range(20):
+                    assert await _countdown(client, 5) == [1, 2, 3, 4, 5]
+                    assert _text(await client.call_tool("echo", {"text": f"call {n}"})) == f"call {n}"
+    assert server.log.count(b"cluster worker") == 3, "three workers joined"
+
+
+async def test_a_forced_shutdown_hands_the_session_off_too(redis_url: str, redis_prefix: str) -> None:
+    """uvicorn's own command line waits for streams to end, then cancels them: a session whose
+    stream is cancelled is handed off, not forgotten (the lease, 600 s, is never waited out)."""
+    with anyio.fail_after(60):
+        async with (
+            uvicorn_cli(redis_url, redis_prefix, "--timeout-graceful-shutdown", "1", owner_lease=600) as first,
+            workers(redis_url, redis_prefix, count=1, owner_lease=600) as (second,),
+        ):
+            proxy = CuttingProxy([first.url, second.url])
+            async with proxy.running() as balancer:
+                transport = resumable_sse_client(f"{balancer}/sse", httpx_client_factory=one_request_per_connection)
+                async with Client(transport, mode="legacy") as client:
+                    assert _text(await client.call_tool("echo", {"text": "before"})) == "before"
+                    assert proxy.routed[0] == ("GET", first.port)
+                    first.process.terminate()
+                    assert await first.process.wait() == -signal.SIGTERM  # re-raised after its shutdown
+                    for n in range(3):  # every connection now reaches the second worker
+                        assert _text(await client.call_tool("echo", {"text": f"after {n}"})) == f"after {n}"
