@@ -3,7 +3,10 @@
 Runs, alternating between the two transports each round: (1) transport alone, events/s by event
 size; (2) full stack, notifications/s through the SDK client; (3) a stalled client: memory, producer
 release, another session's latency; (4) idle sessions, server RSS per session; (5) resumption (ours
-only): reconnect to first replayed event, replay throughput, memory held. Prints a table,
+only): reconnect to first replayed event, replay throughput, memory held; (6) scale-out on Redis
+(ours with the in-memory store vs ours with redis_url, stock for context; a redis-server of its own):
+events/s, full stack, POSTs handed to another worker, resume on the owner and on another worker,
+takeover after SIGKILL. Prints a table,
 writes every sample to bench/results/<timestamp>.json (and latest.json), and regenerates
 docs/benchmarks.md and its plots. See bench/README.md.
 """
@@ -25,7 +28,7 @@ from .procs import REPO
 from .report import console_table, machine_info, write_docs
 from .server import raise_fd_limit
 
-SECTIONS = ("transport", "fullstack", "stalled", "idle", "resume")
+SECTIONS = ("transport", "fullstack", "stalled", "idle", "resume", "redis")
 RESULTS = REPO / "bench" / "results"
 
 
@@ -64,6 +67,7 @@ async def run_all(plan: runner.Plan, sections: list[str], logdir: Path) -> dict[
         "stalled": runner.bench_stalled,
         "idle": runner.bench_idle,
         "resume": runner.bench_resume,
+        "redis": runner.bench_redis,
     }
     for name in sections:
         runner.log(f"== {name}")
@@ -86,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         sys.exit(f"unknown section(s): {', '.join(sorted(unknown))}")
+    full = sections == list(SECTIONS)
+    if "redis" in sections and (missing := runner.redis_available()) is not None:
+        if not full:
+            sys.exit(f"--only redis: {missing}")
+        runner.log(f"skipping the redis section: {missing}")
+        sections.remove("redis")
     plan = runner.Plan.quick() if args.quick else runner.Plan()
     if args.rounds is not None:
         plan = dataclasses.replace(plan, rounds=args.rounds)
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(console_table(results))
     print(f"\nresults: {path.relative_to(REPO)}")
-    docs = args.docs if args.docs is not None else (not args.quick and sections == list(SECTIONS))
+    docs = args.docs if args.docs is not None else (not args.quick and full)
     if docs:
         print(f"docs:    {write_docs(results, path).relative_to(REPO)}")
     else:

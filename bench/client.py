@@ -322,6 +322,7 @@ class RawMcpSession:
 
     def __init__(self, port: int, stream: RawSession, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.port = port
+        """Where the POSTs go."""
         self.stream = stream
         self.reader = reader
         self.writer = writer
@@ -329,8 +330,11 @@ class RawMcpSession:
         self.buf = b""
 
     @classmethod
-    async def open(cls, port: int, time_limit: float = 10) -> RawMcpSession:
+    async def open(cls, port: int, time_limit: float = 10, post_port: int | None = None) -> RawMcpSession:
+        """``post_port``: POST to another server than the stream's (a worker of the same Redis
+        cluster, which hands each POST to the session's owner); by default the stream's."""
         stream = await RawSession.open(port, "/sse", time_limit)
+        port = post_port if post_port is not None else port
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), time_limit)
         except BaseException:
@@ -406,3 +410,98 @@ class RawMcpSession:
         with suppress(Exception):
             self.writer.transport.abort()
         self.stream.close()
+
+
+# -- scale-out: a stream read event by event, across a worker's death ---------------------------
+
+
+class SseStream:
+    """A raw GET whose SSE events are parsed as they complete (HTTP/1.1 chunked body), each with
+    the ``perf_counter()`` of the read that completed it. For the takeover measurement, where
+    the client must know the last event id it saw when the connection breaks."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.head = b""
+        self.head_at: float | None = None
+        self._raw = b""  # received and not yet de-chunked
+        self._body = b""  # de-chunked and not yet a complete event
+        self._events: list[tuple[float, dict[str, str]]] = []
+        self.last_id: str | None = None
+        self.eof = False
+
+    @classmethod
+    async def open(cls, port: int, target: str, time_limit: float, headers: dict[str, str] | None = None) -> SseStream:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), time_limit)
+        writer.write(_request(port, target, headers))
+        return cls(reader, writer)
+
+    def _parse(self, now: float) -> None:
+        if not self.head:
+            head, sep, rest = self._raw.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            if not head.startswith(b"HTTP/1.1 200") or b"transfer-encoding: chunked" not in head.lower():
+                raise RuntimeError(f"unexpected response {head[:200]!r}")
+            self.head, self.head_at, self._raw = head, now, rest
+        while True:  # whole chunks only
+            eol = self._raw.find(b"\r\n")
+            if eol < 0:
+                break
+            size = int(self._raw[:eol].split(b";", 1)[0], 16)
+            end = eol + 2 + size
+            if size == 0:
+                self.eof = True
+                self._raw = b""
+                break
+            if len(self._raw) < end + 2:
+                break
+            self._body += self._raw[eol + 2 : end]
+            self._raw = self._raw[end + 2 :]
+        *blocks, self._body = self._body.split(b"\r\n\r\n")
+        for event in sse_events(b"\r\n\r\n".join(blocks) + b"\r\n\r\n") if blocks else []:
+            if "id" in event:
+                self.last_id = event["id"]
+            self._events.append((now, event))
+
+    async def next_event(self, time_limit: float) -> tuple[float, dict[str, str]] | None:
+        """The next event and when it arrived; ``None`` once the connection ended (closed or
+        reset, as when the server process is killed). TimeoutError after ``time_limit``."""
+        async with asyncio.timeout(time_limit):
+            while not self._events:
+                if self.eof:
+                    return None
+                try:
+                    chunk = await self.reader.read(65536)
+                except (ConnectionError, OSError):
+                    chunk = b""
+                if not chunk:
+                    self.eof = True
+                    return None
+                self._raw += chunk
+                self._parse(time.perf_counter())
+        return self._events.pop(0)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.writer.transport.abort()
+
+
+async def post_json(port: int, endpoint: str, message: dict[str, Any], time_limit: float) -> int:
+    """POST one JSON-RPC message to ``endpoint`` on its own connection; the HTTP status."""
+    import json
+
+    body = json.dumps(message, separators=(",", ":")).encode()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), time_limit)
+    try:
+        writer.write(
+            f"POST {endpoint} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        async with asyncio.timeout(time_limit):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    return int(head.split(b" ", 2)[1])

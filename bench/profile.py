@@ -3,7 +3,8 @@
 Starts ``bench.server`` under pyinstrument (or, with ``--py-spy``, under ``py-spy record``), drives
 ``GET /push`` at the given payload size for ``--runs`` runs of ``--events`` events, stops the server
 and writes the profile to bench/results/profile-<impl>-<size>B.{txt,html} (py-spy: .svg flame graph
-and a collapsed-stack .txt, whose top frames ``--top`` prints).
+and a collapsed-stack .txt, whose top frames ``--top`` prints). ``--redis`` profiles ours with
+``redis_url`` on a redis-server the profiler starts and stops itself (files ``profile-ours-redis-...``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .client import push_run
-from .procs import REPO
+from .procs import REPO, RedisProc
 
 RESULTS = REPO / "bench" / "results"
 
@@ -58,11 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=60000)
     parser.add_argument("--py-spy", action="store_true", help="sample with py-spy instead of pyinstrument")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--redis", action="store_true", help="ours with redis_url, on a redis-server of its own")
     args = parser.parse_args(argv)
+    if args.redis and args.impl != "ours":
+        parser.error("--redis is for --impl ours")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    base = RESULTS / f"profile-{args.impl}-{args.size}B"
+    base = RESULTS / f"profile-{args.impl}{'-redis' if args.redis else ''}-{args.size}B"
+    redis = RedisProc(Path(f"{base}.redis.log")).start() if args.redis else None
+    try:
+        return _profile(args, base, redis)
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+def _profile(args: argparse.Namespace, base: Path, redis: RedisProc | None) -> int:
     server_cmd = [sys.executable, "-m", "bench.server", "--impl", args.impl]
+    if redis is not None:
+        server_cmd += ["--redis-url", redis.url]
     if args.py_spy:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         cmd = [

@@ -17,6 +17,7 @@ DOCS = REPO / "docs"
 PLOT_THROUGHPUT = "benchmarks-throughput.png"
 PLOT_IDLE = "benchmarks-idle-memory.png"
 PLOT_STALLED = "benchmarks-stalled-rss.png"
+PLOT_REDIS = "benchmarks-redis.png"
 PACKAGES = (
     "mcp",
     "mcp-types",
@@ -27,6 +28,8 @@ PACKAGES = (
     "sse-starlette",
     "anyio",
     "pydantic",
+    "redis",
+    "hiredis",
 )
 
 
@@ -184,6 +187,34 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{ours['all_events_ms']['median']:.2f} ms ({ours['events_per_s']['median']:,.0f} events/s), "
                     f"server RSS +{ours['rss_held_growth_kib']['median']:,.0f} KiB while the missed events were held; "
                     f"stock: {_stock_resume(resume)}"
+                ),
+                "met": None,
+            }
+        )
+    redis = results.get("redis", {}).get("summary")
+    if redis and redis.get("transport") and redis.get("resume"):
+        size = "200" if "200" in redis["transport"] else next(iter(redis["transport"]))
+        row = redis["transport"][size]
+        resume = redis["resume"]
+        takeover = redis.get("takeover")
+        out.append(
+            {
+                "target": "Scale-out on Redis (no numeric target; reported)",
+                "measured": (
+                    f"transport alone, {_size(int(size))}: "
+                    f"Redis store {row['redis']['events_per_s']['median']:,.0f} events/s, "
+                    f"{row['redis_over_memory']:.2f}x the in-memory store, {row['redis_over_stock']:.2f}x stock; "
+                    f"resume of {resume['events']:,} missed events on another worker: first after "
+                    f"{resume['redis-other']['first_event_ms']['median']:.1f} ms, all after "
+                    f"{resume['redis-other']['all_events_ms']['median']:.1f} ms (in memory, one process: "
+                    f"{resume['memory']['first_event_ms']['median']:.1f} / "
+                    f"{resume['memory']['all_events_ms']['median']:.1f} ms)"
+                    + (
+                        f"; takeover after SIGKILL with owner_lease {takeover['owner_lease_s']:g} s: stream went on "
+                        f"after {takeover['continued_ms']['median']:,.0f} ms"
+                        if takeover
+                        else ""
+                    )
                 ),
                 "met": None,
             }
@@ -403,6 +434,75 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def redis_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(measurement, ours in-memory, ours on Redis, Redis/memory) rows of the scale-out summary."""
+    redis = results.get("redis", {}).get("summary")
+    if not redis:
+        return []
+    rows: list[tuple[str, str, str, str]] = []
+    for size, row in redis.get("transport", {}).items():
+        rows.append(
+            (
+                f"6. Transport alone, {_size(int(size))} events (events/s; "
+                f"stock {_num(row['stock']['events_per_s']['median'])})",
+                _num(row["memory"]["events_per_s"]["median"]),
+                _num(row["redis"]["events_per_s"]["median"]),
+                f"{row['redis_over_memory']:.2f}x",
+            )
+        )
+    full = redis.get("fullstack")
+    if full:
+        rows.append(
+            (
+                f"6. Full stack, {full['notifications']:,} progress notifications (notifications/s; stock "
+                f"{_num(full['stock']['notifications_per_s']['median'])})",
+                _num(full["memory"]["notifications_per_s"]["median"]),
+                _num(full["redis"]["notifications_per_s"]["median"]),
+                f"{full['redis_over_memory']:.2f}x",
+            )
+        )
+    ping = redis.get("ping")
+    if ping:
+        for variant, label in (("redis-owner", "to the owner"), ("redis-forwarded", "to another worker")):
+            rows.append(
+                (
+                    f"6. Ping round trip p50, POST {label} (ms)",
+                    _ms(ping["memory"]["p50_ms"], 2),
+                    _ms(ping[variant]["p50_ms"], 2),
+                    _ratio(ping[variant]["p50_ms"], ping["memory"]["p50_ms"]),
+                )
+            )
+    resume = redis.get("resume")
+    if resume:
+        n = f"{resume['events']:,}"
+        for variant, label in (("redis-owner", "on the owner"), ("redis-other", "on another worker")):
+            for key, what in (("first_event_ms", "first replayed event"), ("all_events_ms", f"all {n}")):
+                rows.append(
+                    (
+                        f"6. Resume {label}, {n} missed events: reconnect to {what} (ms)",
+                        _ms(resume["memory"][key]["median"], 2),
+                        _ms(resume[variant][key]["median"], 2),
+                        _ratio(resume[variant][key]["median"], resume["memory"][key]["median"]),
+                    )
+                )
+    takeover = redis.get("takeover")
+    if takeover:
+        rows.append(
+            (
+                f"6. Takeover: SIGKILL of the owner to the stream going on elsewhere "
+                f"(owner_lease {takeover['owner_lease_s']:g} s) (ms)",
+                "none (no scale-out)",
+                _ms(takeover["continued_ms"]["median"], 0),
+                "",
+            )
+        )
+    return rows
+
+
 def console_table(results: dict[str, Any]) -> str:
     rows = [("Measurement", "stock", "ours", "ours/stock"), *results_rows(results)]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -412,6 +512,17 @@ def console_table(results: dict[str, Any]) -> str:
         out.append("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
         if i == 0:
             out.append(line)
+    redis = redis_rows(results)
+    if redis:
+        rows2 = [("Scale-out on Redis (ours)", "in-memory store", "Redis", "Redis/memory"), *redis]
+        widths = [max(len(r[i]) for r in rows2) for i in range(4)]
+        out.append("")
+        for i, row in enumerate(rows2):
+            out.append(
+                "  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row))
+            )
+            if i == 0:
+                out.append("  ".join("-" * w for w in widths))
     out.append("")
     out.append("Targets:")
     for t in evaluate_targets(results):
@@ -546,7 +657,67 @@ def make_plots(results: dict[str, Any], docs: Path = DOCS) -> list[str]:
         fig.savefig(docs / PLOT_STALLED, dpi=110)
         plt.close(fig)
         made.append(PLOT_STALLED)
+    redis = results.get("redis", {}).get("summary")
+    if redis and redis.get("transport") and redis.get("resume"):
+        _plot_redis(plt, redis, docs / PLOT_REDIS)
+        made.append(PLOT_REDIS)
     return made
+
+
+def _plot_redis(plt: Any, redis: dict[str, Any], path: Path) -> None:
+    """Left: events/s, stock / ours in memory / ours on Redis, by scenario. Right: resume times."""
+    colors = {"stock": "tab:gray", "memory": "tab:blue", "redis": "tab:red"}
+    labels = {"stock": "stock", "memory": "ours, in-memory store", "redis": "ours, Redis store"}
+    groups: list[tuple[str, dict[str, Any]]] = [
+        (f"transport alone\n{_size(int(size))}", {impl: row[impl]["events_per_s"] for impl in colors})
+        for size, row in redis["transport"].items()
+    ]
+    if redis.get("fullstack"):
+        full = redis["fullstack"]
+        groups.append(("full stack\n(notifications)", {impl: full[impl]["notifications_per_s"] for impl in colors}))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
+    width = 0.27
+    for k, impl in enumerate(colors):
+        xs = [i + (k - 1) * width for i in range(len(groups))]
+        med = [g[impl]["median"] for _, g in groups]
+        lo = [m - g[impl]["min"] for m, (_, g) in zip(med, groups, strict=True)]
+        hi = [g[impl]["max"] - m for m, (_, g) in zip(med, groups, strict=True)]
+        left.bar(xs, med, width, yerr=[lo, hi], capsize=2, color=colors[impl], label=labels[impl])
+        for x, m, (_, g) in zip(xs, med, groups, strict=True):
+            top = g[impl]["max"]
+            left.annotate(f"{m:,.0f}", (x, top), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=6)
+    left.set_yscale("log")
+    left.set_ylim(top=max(g[impl]["max"] for _, g in groups for impl in colors) * 4)
+    left.set_xticks(range(len(groups)), [name for name, _ in groups])
+    left.set_ylabel("events/s (median, min-max)")
+    left.set_title("Throughput: in-memory vs Redis store", fontsize=11)
+    left.grid(True, axis="y", which="both", alpha=0.3)
+    left.legend(fontsize=8, loc="upper right")
+
+    resume = redis["resume"]
+    variants = [
+        ("memory", "in memory,\none process"),
+        ("redis-owner", "Redis,\non the owner"),
+        ("redis-other", "Redis, on\nanother worker"),
+    ]
+    ys = range(len(variants))
+    first = [resume[v]["first_event_ms"]["median"] for v, _ in variants]
+    rest = [resume[v]["all_events_ms"]["median"] - f for (v, _), f in zip(variants, first, strict=True)]
+    right.barh(ys, first, color="tab:purple", label="reconnect to first replayed event")
+    right.barh(ys, rest, left=first, color="tab:orange", label=f"... to all {resume['events']:,}")
+    for y, (v, _) in zip(ys, variants, strict=True):
+        total = resume[v]["all_events_ms"]["median"]
+        right.annotate(f"{total:.1f} ms", (total, y), textcoords="offset points", xytext=(3, -3), fontsize=8)
+    right.set_yticks(list(ys), [label for _, label in variants], fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel("ms (median)")
+    right.set_xlim(right=max(resume[v]["all_events_ms"]["median"] for v, _ in variants) * 1.25)
+    right.set_title(f"Resume after {resume['events']:,} missed events", fontsize=11)
+    right.grid(True, axis="x", alpha=0.3)
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # -- docs/benchmarks.md ----------------------------------------------------------------------
@@ -586,6 +757,17 @@ def markdown(results: dict[str, Any], plots: list[str], json_path: str) -> str:
                 ("starlette / sse-starlette", f"{v.get('starlette')} / {v.get('sse-starlette')}"),
                 ("anyio / pydantic", f"{v.get('anyio')} / {v.get('pydantic')}"),
                 ("mcp-sse-transport", f"{v.get('mcp-sse-transport')} (commit {m.get('commit')})"),
+                *(
+                    [
+                        (
+                            "redis-server / redis-py / hiredis",
+                            f"{results['redis'].get('info', {}).get('redis_version')} / {v.get('redis')} / "
+                            f"{v.get('hiredis') or 'not installed'}",
+                        )
+                    ]
+                    if "redis" in results
+                    else []
+                ),
             ],
             numeric=False,
         )
@@ -598,7 +780,9 @@ def markdown(results: dict[str, Any], plots: list[str], json_path: str) -> str:
         f"idle sessions: {plan['idle_rounds']}"
         + (f"; resumption: {plan['resume_rounds']}" if "resume" in results else "")
         + "). Ratios are ours/stock: above 1 is better for throughput, "
-        "below 1 is better for memory, latency and CPU.\n"
+        "below 1 is better for memory, latency and CPU."
+        + (" Scale-out on Redis has its own table and section (6)." if "redis" in results else "")
+        + "\n"
     )
     add(_md_table(("Measurement", "stock", "ours", "ours/stock"), results_rows(results)))
     add("")
@@ -863,6 +1047,16 @@ def markdown(results: dict[str, Any], plots: list[str], json_path: str) -> str:
             + "\n"
         )
 
+    add("## 6. Scale-out on Redis\n")
+    if results.get("redis", {}).get("summary"):
+        add(_redis_markdown(results, plots))
+    else:
+        add(
+            "Not measured in this run. `python -m bench --only redis` measures our transport with "
+            "`SseConfig(redis_url=...)` against itself with the in-memory store, on a `redis-server` the suite "
+            "starts and stops itself (Debian's `redis-server` package and redis-py are needed).\n"
+        )
+
     add("## Method and fairness\n")
     add(
         "\n".join(
@@ -893,6 +1087,15 @@ def markdown(results: dict[str, Any], plots: list[str], json_path: str) -> str:
                 "(pyinstrument; `--py-spy` for py-spy; `--size`, `--impl stock`), output in `bench/results/`.",
                 "- Payload sizes are the serialized JSON-RPC message (the `data:` line); wire bytes per event add the "
                 "SSE framing (`event: message`, `data: `, CRLFs; ours also an `id:` line) and HTTP chunk framing.",
+                *(
+                    [
+                        "- Scale-out (6): the suite's own `redis-server`, started on a free loopback port and stopped "
+                        "by its PID; workers are bench servers with `--redis-url`, each stopped by its PID (SIGTERM; "
+                        "SIGKILL only for the takeover's victim). Its logs are in `bench/results/logs/` too."
+                    ]
+                    if "redis" in results
+                    else []
+                ),
             ]
         )
     )
@@ -953,6 +1156,286 @@ def _resume_markdown(resume: dict[str, Any]) -> str:
             "stays with the process's allocator.\n",
         ]
     )
+
+
+def _spread(value: dict[str, Any], digits: int) -> str:
+    """``median (min-max)``."""
+    return f"{_num(value['median'], digits)} ({_num(value['min'], digits)}-{_num(value['max'], digits)})"
+
+
+def _redis_markdown(results: dict[str, Any], plots: list[str]) -> str:
+    redis = results["redis"]["summary"]
+    info = results["redis"].get("info", {})
+    plan = results["plan"]
+    v = results["machine"]["versions"]
+    out: list[str] = []
+    add = out.append
+    add(
+        "Ours only, against itself: `SseConfig(redis_url=...)` (events in Redis Streams through "
+        "`RedisEventStore`, the session directory with owner leases, POSTs and resumed streams passed between "
+        "workers over pub/sub) next to the default in-memory store; stock, which has no scale-out, for context "
+        "where the scenario allows it. The suite starts a `redis-server` of its own "
+        f"({info.get('redis_version')}, no persistence, on 127.0.0.1, a port the kernel picked) and stops it, "
+        f"by its PID, at the end. redis-py {v.get('redis')}, "
+        + (
+            "with hiredis " + str(v.get("hiredis"))
+            if v.get("hiredis")
+            else "without hiredis (its pure-Python reply parser)"
+        )
+        + ". Each worker is a `python -m bench.server --impl ours --redis-url ...` process (the same app as "
+        "everywhere else, the lowlevel `Server` passed as `server=`, the transport entered for the process's "
+        "life); worker A and worker B share one key prefix. Every Redis setting is `SseConfig`'s default "
+        f"(`owner_lease` 5 s, `forward_timeout` 3 s) except in the takeover runs (`owner_lease` "
+        f"{info.get('takeover_lease_s', plan.get('takeover_lease')):g} s). Each ratio is of medians of this one "
+        "run, the variants rotating which goes first from round to round.\n"
+    )
+    rows: list[tuple[str, ...]] = [("Measurement", "in-memory store", "Redis", "Redis/memory")]
+    add(_md_table(rows[0], redis_rows(results)))
+    add("")
+    if PLOT_REDIS in plots:
+        add(f"![in-memory vs Redis: throughput and resume]({PLOT_REDIS})\n")
+
+    transport = redis.get("transport")
+    if transport:
+        add("### Transport alone and full stack\n")
+        add(
+            "The scenario of 1 (`GET /push`: N notifications of S bytes pushed into `connect_sse`'s write "
+            "stream, counted by a raw socket client), served by three processes: stock, ours with the "
+            "in-memory store, ours with `redis_url` (worker A; worker B idle). "
+            f"{plan['redis_rounds']} rounds, one discarded warm-up run each. With Redis every event is appended "
+            "to the session's stream (`XADD` in a Lua script) before it is written; CPU columns are the server "
+            "process's and the `redis-server` process's CPU time over the run, per event.\n"
+        )
+        trows: list[tuple[str, ...]] = []
+        for size, row in transport.items():
+            trows.append(
+                (
+                    _size(int(size)),
+                    f"{row['events']:,}",
+                    _num(row["stock"]["events_per_s"]["median"]),
+                    _spread(row["memory"]["events_per_s"], 0),
+                    _spread(row["redis"]["events_per_s"], 0),
+                    f"{row['redis_over_memory']:.2f}x",
+                    f"{row['redis_over_stock']:.2f}x",
+                    _num(row["memory"]["server_cpu_us_per_event"], 1),
+                    _num(row["redis"]["server_cpu_us_per_event"], 1),
+                    _num(row["redis"]["redis_cpu_us_per_event"], 1),
+                )
+            )
+        add(
+            _md_table(
+                (
+                    "payload",
+                    "N",
+                    "stock events/s",
+                    "ours, memory events/s (min-max)",
+                    "ours, Redis events/s (min-max)",
+                    "Redis/memory",
+                    "Redis/stock",
+                    "server CPU µs/event, memory",
+                    "server CPU µs/event, Redis",
+                    "redis-server CPU µs/event",
+                ),
+                trows,
+            )
+        )
+        add("")
+    full = redis.get("fullstack")
+    if full:
+        add(
+            f"Full stack (the scenario of 2: a lowlevel `Server` tool sending {full['notifications']:,} progress "
+            "notifications, called through the SDK client, one discarded warm-up call per session; "
+            f"{plan['redis_full_rounds']} rounds). With Redis the POSTed `tools/call` is recorded as pending in "
+            "Redis and each notification appended to the stream.\n"
+        )
+        add(
+            _md_table(
+                ("", "stock", "ours, memory", "ours, Redis"),
+                [
+                    (
+                        "notifications/s, median (min-max)",
+                        *(_spread(full[impl]["notifications_per_s"], 0) for impl in ("stock", "memory", "redis")),
+                    ),
+                    (
+                        "server CPU µs/notification",
+                        *(
+                            _num(full[impl]["server_cpu_us_per_notification"], 1)
+                            for impl in ("stock", "memory", "redis")
+                        ),
+                    ),
+                    (
+                        "redis-server CPU µs/notification",
+                        "—",
+                        "—",
+                        _num(full["redis"]["redis_cpu_us_per_notification"], 1),
+                    ),
+                ],
+            )
+        )
+        add("")
+        add(
+            f"Redis/memory {full['redis_over_memory']:.2f}x, Redis/stock {full['redis_over_stock']:.2f}x "
+            "(medians): in this scenario the SDK client and server dominate each notification's cost.\n"
+        )
+
+    ping = redis.get("ping")
+    if ping:
+        add("### A POST handed to another worker\n")
+        add(
+            "An initialized MCP session driven over raw sockets (as in 3): sequential `ping` requests, each a POST "
+            "on a keep-alive connection whose response is read off the session's SSE stream, for "
+            f"{ping['seconds']:g} s per round after 0.2 s of warm-up, {plan['redis_rounds']} rounds, samples "
+            "pooled. Three setups: the in-memory server; the stream and the POSTs on Redis worker A; the stream "
+            "on A and the POSTs to worker B, which looks the session up in Redis, hands each POST to A over "
+            "pub/sub and answers with A's status.\n"
+        )
+        labels = {
+            "memory": "in-memory store, one process",
+            "redis-owner": "Redis, POSTs to the owner (A)",
+            "redis-forwarded": "Redis, POSTs to worker B (handed to A)",
+        }
+        add(
+            _md_table(
+                ("POSTs", "p50 (ms)", "p99 (ms)", "pings"),
+                [
+                    (labels[k], _ms(ping[k]["p50_ms"], 2), _ms(ping[k]["p99_ms"], 2), f"{ping[k]['pings']:,}")
+                    for k in labels
+                ],
+            )
+        )
+        add("")
+
+    resume = redis.get("resume")
+    if resume:
+        n = f"{resume['events']:,}"
+        add("### Resume across workers\n")
+        add(
+            "The cycle of 5, with the session opened on one server: a raw `GET /replay` reads the endpoint event "
+            "and the first notification and drops the connection; `GET /replay/go` on the same server waits "
+            f"until the session shows no connection, has the session's producer push {n} notifications of "
+            f"{resume['payload_bytes']:,} B into it and answers once all were accepted; the client then "
+            "reconnects with `Last-Event-ID` set to the first event's id, timed from opening the connection to "
+            f"the response head, the first replayed `message` event and the {n}th, and checks the stream (the "
+            f"same endpoint event, then {n} ids after the one sent, in order, nothing else; Redis stream ids are "
+            "not consecutive, so they are checked for order). Three setups, each with one discarded warm-up "
+            "cycle: the in-memory server (section 5's number, measured again in this run); opened and resumed "
+            "on Redis worker A, the session's owner; opened on A and resumed on worker B, which serves it "
+            "itself: replays from Redis, then relays A's live events through Redis. "
+            f"{resume['memory']['rounds']} rounds. CPU is both workers' CPU time over the resume, per event.\n"
+        )
+        labels = {
+            "memory": "in-memory store, one process",
+            "redis-owner": "Redis, resumed on the owner (A)",
+            "redis-other": "Redis, resumed on worker B",
+        }
+        add(
+            _md_table(
+                (
+                    "resume",
+                    "to response head (ms)",
+                    "to first replayed event (ms)",
+                    f"to all {n} (ms)",
+                    "replay events/s",
+                    "server CPU µs/event",
+                ),
+                [
+                    (
+                        labels[k],
+                        _ms(resume[k]["head_ms"]["median"], 2),
+                        _spread(resume[k]["first_event_ms"], 2),
+                        _spread(resume[k]["all_events_ms"], 2),
+                        _num(resume[k]["events_per_s"]["median"]),
+                        _num(resume[k]["server_cpu_us_per_event"], 1),
+                    )
+                    for k in labels
+                ],
+            )
+        )
+        add("")
+        add(
+            f"The producer's {n} sends into the detached session took (median) "
+            f"{_ms(resume['memory']['produce_ms'], 2)} ms with the in-memory store, "
+            f"{_ms(resume['redis-owner']['produce_ms'], 2)} ms with Redis: at the commit measured (see "
+            "Machine) producers do not wait for a remote store; events produced while the session has no "
+            "connection wait in the owner's buffer and are stored, in one batch, when a connection next writes "
+            "them. So a resume on the owner first stores the missed events and then reads them back from Redis "
+            "(one `XRANGE`, whose reply redis-py parses "
+            + ("with hiredis" if v.get("hiredis") else "in pure Python: hiredis is not installed")
+            + "), and a resume on worker B finds them not yet in Redis and gets them through the relay from A.\n"
+        )
+
+    takeover = redis.get("takeover")
+    if takeover:
+        add("### Takeover of a dead worker's session\n")
+        add(
+            f"{takeover['rounds']} round{'s' if takeover['rounds'] != 1 else ''}, each with two fresh workers, "
+            "`owner_lease` "
+            f"{takeover['owner_lease_s']:g} s (renewed every third of it; the default is 5 s). On worker A a raw "
+            "client opens `GET /sse`, initializes the session (POSTs to A) and calls the `progress` tool with a "
+            f"notification every {takeover['interval_s'] * 1000:g} ms; after {plan.get('takeover_warm_events', 20)} "
+            "notifications the suite reads the lease's remaining time from Redis (`PTTL`), then SIGKILLs A by its "
+            "PID. The client reads A's stream to its end, then at once (ignoring the `retry:` hint a real client "
+            "waits for) resumes on worker B with the last id it saw. B answers with the endpoint event and what "
+            "Redis holds after that id straight away, finds nobody listening on A's channel, waits for A's lease "
+            "to run out, takes the session over (a fresh server fed the stored handshake) and answers the "
+            "interrupted `tools/call` with a JSON-RPC error (code "
+            f"{', '.join(takeover['interrupted_codes'])}): that error is where the stream goes on. Then a ping "
+            "through B checks the session is served there. Times are from the SIGKILL.\n"
+        )
+        add(
+            _md_table(
+                ("", "median", "min-max"),
+                [
+                    (
+                        "lease left at the kill (ms)",
+                        _ms(takeover["lease_left_ms"]["median"], 0),
+                        f"{_ms(takeover['lease_left_ms']['min'], 0)}-{_ms(takeover['lease_left_ms']['max'], 0)}",
+                    ),
+                    ("client saw A's stream end (ms)", _ms(takeover["eof_ms"], 1), ""),
+                    (
+                        "B's endpoint event on the resumed stream (ms)",
+                        _ms(takeover["endpoint_ms"]["median"], 1),
+                        f"{_ms(takeover['endpoint_ms']['min'], 1)}-{_ms(takeover['endpoint_ms']['max'], 1)}",
+                    ),
+                    (
+                        "stream goes on: B's answer to the interrupted call (ms)",
+                        _ms(takeover["continued_ms"]["median"], 0),
+                        f"{_ms(takeover['continued_ms']['min'], 0)}-{_ms(takeover['continued_ms']['max'], 0)}",
+                    ),
+                    ("the same, beyond the lease left at the kill (ms)", _ms(takeover["beyond_lease_ms"], 1), ""),
+                    ("events replayed from Redis before it", _num(takeover["replayed"]), ""),
+                    ("then a ping through B, round trip (ms)", _ms(takeover["ping_after_ms"], 2), ""),
+                ],
+            )
+        )
+        add("")
+        add(
+            "The outage is the lease: a dead worker's session moves once its lease runs out, so with the "
+            "default `owner_lease` of 5 s expect up to 5 s plus the same few milliseconds, and a real client "
+            "also waits its `retry:` interval before reconnecting.\n"
+        )
+
+    add("Caveats:\n")
+    add(
+        "\n".join(
+            [
+                f"- One host with {results['machine']['nproc']} cores for everything: the client, stock, both "
+                "in-memory and Redis workers and `redis-server` share them, and Redis is reached over loopback "
+                "(no network latency, no second machine's CPU). A real deployment puts Redis a network round trip "
+                "away, which adds to every append batch, lookup and hand-over.",
+                "- Each server process is idle while another one is measured, but the client runs in the suite's "
+                "process on the same cores; small runs (the in-memory store at 200 B finishes in a fraction of a "
+                "second) are noisy, hence the min-max.",
+                "- Ratios are of this run's medians; compare them, not absolute figures, across machines.",
+                "- Redis runs with its defaults and no persistence (`--save '' --appendonly no`); with AOF or "
+                "replication each append costs more.",
+                "- The in-memory store keeps events in the worker's process; the Redis figures buy resumption on "
+                "any worker and surviving a worker's death.",
+            ]
+        )
+    )
+    add("")
+    return "\n".join(out)
 
 
 def write_docs(results: dict[str, Any], json_path: Path, docs: Path = DOCS) -> Path:

@@ -9,6 +9,7 @@ import math
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,17 @@ from typing import Any
 from .client import (
     RawMcpSession,
     RawSession,
+    SseStream,
     call_progress,
     http_get_json,
     open_many,
+    post_json,
     push_run,
     read_first_message,
     resume_run,
     sdk_client,
 )
-from .procs import ServerProc
+from .procs import RedisProc, ServerProc
 
 IMPLS = ("stock", "ours")
 
@@ -54,6 +57,16 @@ class Plan:
     resume_payload: int = 200
     resume_warmup_events: int = 50
     settle: float = 0.2
+    # 6. Scale-out on Redis: ours with the in-memory store vs ours with redis_url (stock for context).
+    redis_rounds: int = 3
+    redis_events: tuple[tuple[int, int], ...] = ((200, 30000), (16384, 4000))
+    redis_full_rounds: int = 3
+    redis_ping_seconds: float = 1.0
+    redis_resume_rounds: int = 5
+    takeover_rounds: int = 3
+    takeover_lease: float = 1.0
+    takeover_interval: float = 0.01
+    takeover_warm_events: int = 20
 
     @classmethod
     def quick(cls) -> Plan:
@@ -68,6 +81,12 @@ class Plan:
             idle_rounds=1,
             idle_step=250,
             resume_rounds=2,
+            redis_rounds=2,
+            redis_events=((200, 5000), (16384, 1000)),
+            redis_full_rounds=2,
+            redis_ping_seconds=0.5,
+            redis_resume_rounds=2,
+            takeover_rounds=1,
         )
 
     def n_events(self, size: int) -> int:
@@ -479,46 +498,71 @@ def _session_id(endpoint: str) -> str:
     return endpoint.rpartition("session_id=")[2]
 
 
-async def _resume_cycle(proc: ServerProc, n: int, size: int, time_limit: float = 30) -> dict[str, Any]:
+def _token_key(token: str) -> tuple[int, ...]:
+    """A store token as numbers, for ordering: ``7`` (in-memory store) or ``1700000000000-3``
+    (a Redis stream id)."""
+    return tuple(int(part) for part in token.split("-"))
+
+
+def check_replayed_ids(ids: Sequence[str | None], last_id: str, n: int) -> None:
+    """The ``n`` ids after ``last_id``, in order: for the in-memory store's sequence numbers
+    exactly ``last + 1 .. last + n``; for Redis stream ids (not consecutive) strictly increasing
+    from after ``last_id``, each of the same session."""
+    prefix, _, token = last_id.rpartition(":")
+    if token.isdigit():
+        expected = [f"{prefix}:{int(token) + k}" for k in range(1, n + 1)]
+        ok = list(ids) == expected
+    else:
+        keys = [_token_key(str(i).rpartition(":")[2]) for i in ids if i and i.rpartition(":")[0] == prefix]
+        ok = len(ids) == n == len(keys) and all(a < b for a, b in zip([_token_key(token), *keys], keys, strict=False))
+    if not ok:
+        raise RuntimeError(
+            f"replay mismatch: {len(ids)} message events (expected {n}), first {ids[:1]}, last {ids[-1:]}, "
+            f"after {last_id}"
+        )
+
+
+async def _resume_cycle(
+    proc: ServerProc, n: int, size: int, time_limit: float = 30, resume_on: ServerProc | None = None
+) -> dict[str, Any]:
     """Open a session, read its first event and drop; once the server noticed, it pushes ``n``
-    events into the detached session; then resume from the first event's id and time the replay."""
+    events into the detached session; then resume from the first event's id and time the replay.
+    ``resume_on``: resume on that server instead (another worker of the same Redis cluster)."""
     tag = uuid.uuid4().hex
     target = f"/replay?tag={tag}&n={n}&size={size}"
     first = await read_first_message(proc.port, target, time_limit)
     last_id = first["message"].get("id")
     if last_id is None:
-        raise RuntimeError(f"{proc.impl}: the first event has no id: {first['message']}")
+        raise RuntimeError(f"{proc.label}: the first event has no id: {first['message']}")
     session_id = _session_id(first["endpoint"])
     rss0 = proc.rss_kib()
     go = await http_get_json(proc.port, f"/replay/go?tag={tag}&session={session_id}", time_limit + 5)
     if go.get("error") or go.get("sent") != n:
-        raise RuntimeError(f"{proc.impl}: the producer did not push {n} events into the detached session: {go}")
+        raise RuntimeError(f"{proc.label}: the producer did not push {n} events into the detached session: {go}")
     rss_held = proc.rss_kib()  # the go answer came after the last send: nothing more to wait for
-    cpu0 = proc.cpu_seconds()
-    result = await resume_run(proc.port, target, last_id, n, time_limit)
+    resumer = resume_on or proc
+    cpu0, resumer_cpu0 = proc.cpu_seconds(), resumer.cpu_seconds()
+    result = await resume_run(resumer.port, target, last_id, n, time_limit)
     cpu = proc.cpu_seconds() - cpu0
+    resumer_cpu = resumer.cpu_seconds() - resumer_cpu0 if resumer is not proc else 0.0
     await asyncio.sleep(0.2)
     rss_after = proc.rss_kib()
 
     # Exactly once, in order, right after the id the client saw, behind the same endpoint event.
     events = result.pop("events")
-    prefix, _, token = last_id.rpartition(":")
-    expected = [f"{prefix}:{int(token) + k}" for k in range(1, n + 1)]
     ids = [e.get("id") for e in events if e.get("event") == "message"]
     kinds = [e.get("event") for e in events]
     if kinds[:1] != ["endpoint"] or events[0].get("data") != first["endpoint"]:
         raise RuntimeError(f"the resumed stream does not start with the same endpoint event: {events[:1]}")
-    if ids != expected or set(kinds) != {"endpoint", "message"}:
-        raise RuntimeError(
-            f"replay mismatch: {len(ids)} message events (expected {n}), first {ids[:1]}, last {ids[-1:]}, "
-            f"expected {expected[0]}..{expected[-1]}; event kinds {sorted({str(k) for k in kinds})}"
-        )
+    if set(kinds) != {"endpoint", "message"}:
+        raise RuntimeError(f"unexpected events in the resumed stream: kinds {sorted({str(k) for k in kinds})}")
+    check_replayed_ids(ids, last_id, n)
     return {
         **result,
         "events": n,
         "payload_bytes": size,
         "events_per_s": n / result["all_s"],
-        "server_cpu_s": cpu,
+        "server_cpu_s": cpu + resumer_cpu,
         "produce_s": go["produce_s"],
         "detach_wait_s": go["detach_wait_s"],
         "rss_before_kib": rss0,
@@ -611,12 +655,402 @@ def summarize_resume(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
     }
 
 
+# -- 6. scale-out on Redis -----------------------------------------------------------------------
+
+REDIS_IMPLS = ("stock", "memory", "redis")
+"""Transport alone and full stack: stock; ours with the in-memory store; ours with ``redis_url``."""
+PING_VARIANTS = ("memory", "redis-owner", "redis-forwarded")
+"""Stream and POSTs on one in-memory server; on one Redis worker; stream on A, POSTs to B."""
+RESUME_VARIANTS = ("memory", "redis-owner", "redis-other")
+"""Resume on the in-memory server; on Redis worker A (the owner); on worker B (replay + relay)."""
+
+
+def rotate(round_no: int, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Rotate which variant goes first from round to round (``order`` for more than two)."""
+    k = round_no % len(names)
+    return names[k:] + names[:k]
+
+
+def redis_available() -> str | None:
+    """Why the Redis scenario cannot run here (no ``redis-server``, no redis-py), or ``None``."""
+    import importlib.util
+    import shutil
+
+    if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
+        return "redis-server is not installed (Debian: apt-get install redis-server)"
+    if importlib.util.find_spec("redis") is None:
+        return "redis-py is not installed (pip install -e '.[redis]')"
+    return None
+
+
+def _redis_args(redis: RedisProc, prefix: str, owner_lease: float | None = None) -> list[str]:
+    args = ["--redis-url", redis.url, "--redis-prefix", prefix]
+    return args if owner_lease is None else [*args, "--owner-lease", f"{owner_lease:g}"]
+
+
+async def _redis_transport(
+    plan: Plan, procs: dict[str, ServerProc], redis: RedisProc, runs: list[dict[str, Any]]
+) -> None:
+    for impl in REDIS_IMPLS:  # warm-up, discarded
+        await push_run(procs[impl].port, 1000, 200, 60)
+    for round_no in range(plan.redis_rounds):
+        for size, n in plan.redis_events:
+            for impl in rotate(round_no, REDIS_IMPLS):
+                proc = procs[impl]
+                await asyncio.sleep(plan.settle)
+                cpu0, redis_cpu0 = proc.cpu_seconds(), redis.cpu_seconds()
+                result = await push_run(proc.port, n, size, time_limit=180)
+                result["server_cpu_s"] = proc.cpu_seconds() - cpu0
+                result["redis_cpu_s"] = redis.cpu_seconds() - redis_cpu0
+                runs.append({"kind": "transport", "impl": impl, "size": size, "round": round_no, **result})
+                log(
+                    f"redis      transport round {round_no + 1}/{plan.redis_rounds}  {size:>6} B  {impl:6}  "
+                    f"{result['events_per_s']:>9,.0f} events/s"
+                )
+
+
+async def _redis_fullstack(
+    plan: Plan, procs: dict[str, ServerProc], redis: RedisProc, runs: list[dict[str, Any]]
+) -> None:
+    for round_no in range(plan.redis_full_rounds):
+        for impl in rotate(round_no, REDIS_IMPLS):
+            proc = procs[impl]
+            await asyncio.sleep(plan.settle)
+            async with sdk_client(proc.port) as client:
+                await call_progress(client, 200, time_limit=60)  # warm-up call, discarded
+                cpu0, redis_cpu0 = proc.cpu_seconds(), redis.cpu_seconds()
+                result = await call_progress(client, plan.full_notifications, time_limit=180)
+                result["server_cpu_s"] = proc.cpu_seconds() - cpu0
+                result["redis_cpu_s"] = redis.cpu_seconds() - redis_cpu0
+            runs.append({"kind": "fullstack", "impl": impl, "round": round_no, **result})
+            log(
+                f"redis      fullstack round {round_no + 1}/{plan.redis_full_rounds}  {impl:6}  "
+                f"{result['notifications_per_s']:>9,.0f} notifications/s"
+            )
+
+
+async def _redis_pings(plan: Plan, procs: dict[str, ServerProc], runs: list[dict[str, Any]]) -> None:
+    ends = {
+        "memory": (procs["memory"], procs["memory"]),
+        "redis-owner": (procs["redis"], procs["redis"]),
+        "redis-forwarded": (procs["redis"], procs["redis-b"]),
+    }
+    for round_no in range(plan.redis_rounds):
+        for variant in rotate(round_no, PING_VARIANTS):
+            stream_on, post_to = ends[variant]
+            await asyncio.sleep(plan.settle)
+            session = await RawMcpSession.open(stream_on.port, post_port=post_to.port)
+            try:
+                await session.ping_for(0.2)  # warm-up
+                rtts = await session.ping_for(plan.redis_ping_seconds)
+            finally:
+                session.close()
+            runs.append({"kind": "ping", "variant": variant, "round": round_no, "rtts_ms": rtts})
+            log(
+                f"redis      ping      round {round_no + 1}/{plan.redis_rounds}  {variant:15}  "
+                f"p50 {percentile(rtts, 50):.2f} ms, p99 {percentile(rtts, 99):.2f} ms ({len(rtts):,} pings)"
+            )
+
+
+async def _redis_resume(plan: Plan, procs: dict[str, ServerProc], runs: list[dict[str, Any]]) -> None:
+    ends = {
+        "memory": (procs["memory"], None),
+        "redis-owner": (procs["redis"], None),
+        "redis-other": (procs["redis"], procs["redis-b"]),
+    }
+    for owner, resume_on in ends.values():  # warm-up, discarded
+        await _resume_cycle(owner, plan.resume_warmup_events, plan.resume_payload, resume_on=resume_on)
+    for round_no in range(plan.redis_resume_rounds):
+        for variant in rotate(round_no, RESUME_VARIANTS):
+            owner, resume_on = ends[variant]
+            await asyncio.sleep(plan.settle)
+            result = await _resume_cycle(owner, plan.resume_events, plan.resume_payload, resume_on=resume_on)
+            runs.append({"kind": "resume", "variant": variant, "round": round_no, **result})
+            log(
+                f"redis      resume    round {round_no + 1}/{plan.redis_resume_rounds}  {variant:11}  first "
+                f"replayed event after {result['first_s'] * 1000:.2f} ms, all {result['events']:,} after "
+                f"{result['all_s'] * 1000:.1f} ms"
+            )
+
+
+async def _wait_response(stream: SseStream, request_id: int, time_limit: float) -> tuple[float, dict[str, Any]]:
+    """Read ``stream`` until the JSON-RPC response (or error) to ``request_id``: when it arrived,
+    and the message."""
+    import json
+
+    deadline = time.perf_counter() + time_limit
+    while True:
+        item = await stream.next_event(max(0.001, deadline - time.perf_counter()))
+        if item is None:
+            raise ConnectionError(f"the stream ended before the response to request {request_id}")
+        at, event = item
+        if event.get("event") != "message":
+            continue
+        message = json.loads(event["data"])
+        if message.get("id") == request_id and ("result" in message or "error" in message):
+            return at, message
+
+
+async def _takeover_once(plan: Plan, redis: RedisProc, logdir: Path, round_no: int) -> dict[str, Any]:
+    """Two fresh workers with a short owner lease; an initialized session on A with a tool call
+    streaming progress; SIGKILL A; the client resumes on B at once with the last id it saw and
+    reads until the call's error (``REQUEST_INTERRUPTED``, sent by B once it took the session
+    over), then pings through B."""
+    import json
+
+    from redis.asyncio import Redis
+
+    prefix = f"bench-takeover-{uuid.uuid4().hex[:8]}:"
+    args = _redis_args(redis, prefix, plan.takeover_lease)
+    a = ServerProc("ours", args, logdir / "redis-takeover-a.log", "ours-redis-a")
+    b = ServerProc("ours", args, logdir / "redis-takeover-b.log", "ours-redis-b")
+    client: Redis = Redis.from_url(redis.url)
+    streams: list[SseStream] = []
+    limit = 10.0
+    try:
+        await a.start()
+        await b.start()
+        stream = await SseStream.open(a.port, "/sse", limit)
+        streams.append(stream)
+        first = await stream.next_event(limit)
+        if first is None or first[1].get("event") != "endpoint":
+            raise RuntimeError(f"no endpoint event from worker A: {first}")
+        endpoint = first[1]["data"]
+        session_id = _session_id(endpoint)
+
+        async def post(port: int, message: dict[str, Any]) -> None:
+            status = await post_json(port, endpoint, message, limit)
+            if status != 202:
+                raise RuntimeError(f"POST {message.get('method')} to :{port} answered {status}")
+
+        info = {"name": "bench", "version": "0"}
+        init = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": info}
+        await post(a.port, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init})
+        await _wait_response(stream, 1, limit)
+        await post(a.port, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        arguments = {"count": 1_000_000, "interval": plan.takeover_interval}
+        call = {"name": "progress", "arguments": arguments, "_meta": {"progressToken": "takeover"}}
+        await post(a.port, {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call})
+        progress = 0
+        while progress < plan.takeover_warm_events:
+            item = await stream.next_event(limit)
+            if item is None:
+                raise ConnectionError("worker A's stream ended during the tool call")
+            if "notifications/progress" in item[1].get("data", ""):
+                progress += 1
+
+        pttl = int(await client.pttl(f"{prefix}{{{session_id}}}:owner"))  # the directory's lease key
+        lease_left = pttl / 1000 if pttl >= 0 else None
+        t_kill = time.perf_counter()
+        a.kill()  # SIGKILL, to worker A's PID
+        received_after_kill = 0
+        while await stream.next_event(limit) is not None:  # what A had sent before it died
+            received_after_kill += 1
+        t_eof = time.perf_counter()
+        last_id = stream.last_id
+        if last_id is None:
+            raise RuntimeError("no event id seen on worker A's stream")
+        stream.close()
+
+        t_connect = time.perf_counter()
+        resumed = await SseStream.open(b.port, "/sse", limit, headers={"Last-Event-ID": last_id})
+        streams.append(resumed)
+        head = await resumed.next_event(limit)
+        if head is None or head[1].get("event") != "endpoint" or head[1].get("data") != endpoint:
+            raise RuntimeError(f"the resumed stream does not start with the session's endpoint event: {head}")
+        t_endpoint = head[0]
+        # Replayed events (A stored them, the client never got them), then B's answer to the call.
+        replayed: list[str] = []
+        deadline = time.perf_counter() + plan.takeover_lease + 3 + limit
+        t_continued: float | None = None
+        error: dict[str, Any] = {}
+        while t_continued is None:
+            item = await resumed.next_event(max(0.001, deadline - time.perf_counter()))
+            if item is None:
+                raise ConnectionError("the resumed stream on worker B ended before the call was answered")
+            at, event = item
+            if event.get("event") != "message":
+                raise RuntimeError(f"unexpected event on the resumed stream: {event}")
+            message = json.loads(event["data"])
+            if message.get("id") == 2:
+                t_continued, error = at, message.get("error") or {}
+            else:
+                replayed.append(event.get("id", ""))
+        check_replayed_ids(replayed, last_id, len(replayed))
+        t_ping = time.perf_counter()
+        await post(b.port, {"jsonrpc": "2.0", "id": 3, "method": "ping"})
+        t_pong, _ = await _wait_response(resumed, 3, limit)
+        return {
+            "kind": "takeover",
+            "round": round_no,
+            "owner_lease_s": plan.takeover_lease,
+            "lease_left_s": lease_left,
+            "progress_before_kill": progress,
+            "received_after_kill": received_after_kill,
+            "eof_s": t_eof - t_kill,
+            "reconnect_after_kill_s": t_connect - t_kill,
+            "endpoint_s": t_endpoint - t_kill,
+            "replayed": len(replayed),
+            "continued_s": t_continued - t_kill,
+            "continued_after_connect_s": t_continued - t_connect,
+            "interrupted_code": error.get("code"),
+            "interrupted_message": error.get("message"),
+            "ping_after_ms": (t_pong - t_ping) * 1000,
+        }
+    finally:
+        for s in streams:
+            s.close()
+        await client.aclose()
+        a.kill()
+        await b.stop()
+
+
+async def bench_redis(plan: Plan, logdir: Path) -> dict[str, Any]:
+    """Scale-out on Redis: one redis-server of the suite's own, workers as bench servers."""
+    missing = redis_available()
+    if missing is not None:
+        raise RuntimeError(f"the redis section needs Redis: {missing}")
+    redis = RedisProc(logdir / "redis-server.log")
+    redis.start()
+    runs: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"redis_version": redis.version, "takeover_lease_s": plan.takeover_lease}
+    log(f"redis      redis-server {redis.version} on 127.0.0.1:{redis.port} (pid {redis.pid})")
+    try:
+        prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+        specs = {
+            "stock": ("stock", []),
+            "memory": ("ours", []),
+            "redis": ("ours", _redis_args(redis, prefix)),
+            "redis-b": ("ours", _redis_args(redis, prefix)),
+        }
+        procs: dict[str, ServerProc] = {}
+        try:
+            for name, (impl, args) in specs.items():
+                proc = ServerProc(impl, args, logdir / f"redis-{name}.log", name)
+                procs[name] = proc
+                await proc.start()
+            await _redis_transport(plan, procs, redis, runs)
+            await _redis_fullstack(plan, procs, redis, runs)
+            await _redis_pings(plan, procs, runs)
+            await _redis_resume(plan, procs, runs)
+        finally:
+            await asyncio.gather(*(proc.stop() for proc in procs.values()))
+        for round_no in range(plan.takeover_rounds):
+            result = await _takeover_once(plan, redis, logdir, round_no)
+            runs.append(result)
+            left = result["lease_left_s"]
+            log(
+                f"redis      takeover  round {round_no + 1}/{plan.takeover_rounds}  owner_lease "
+                f"{plan.takeover_lease:g} s ({'?' if left is None else f'{left * 1000:.0f} ms'} left at the kill): "
+                f"stream on B continued {result['continued_s'] * 1000:.0f} ms after SIGKILL "
+                f"({result['replayed']} replayed first)"
+            )
+    finally:
+        redis.stop()
+    return {"info": info, "runs": runs, "summary": summarize_redis(runs, plan)}
+
+
+def summarize_redis(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    def spread(values: list[float]) -> dict[str, float | None]:
+        return {
+            "median": median(values),
+            "min": min(values) if values else None,
+            "max": max(values) if values else None,
+        }
+
+    summary: dict[str, Any] = {}
+    transport: dict[str, Any] = {}
+    for size, n in plan.redis_events:
+        row: dict[str, Any] = {"events": n}
+        for impl in REDIS_IMPLS:
+            mine = [r for r in runs if r.get("kind") == "transport" and r["impl"] == impl and r["size"] == size]
+            if not mine:
+                break
+            row[impl] = {
+                "events_per_s": spread([r["events_per_s"] for r in mine]),
+                "server_cpu_us_per_event": median([r["server_cpu_s"] / r["events"] * 1e6 for r in mine]),
+                "redis_cpu_us_per_event": median([r["redis_cpu_s"] / r["events"] * 1e6 for r in mine]),
+            }
+        else:
+            eps = {impl: row[impl]["events_per_s"]["median"] for impl in REDIS_IMPLS}
+            row["redis_over_memory"] = eps["redis"] / eps["memory"]
+            row["redis_over_stock"] = eps["redis"] / eps["stock"]
+            row["memory_over_stock"] = eps["memory"] / eps["stock"]
+            transport[str(size)] = row
+    if transport:
+        summary["transport"] = transport
+
+    full = [r for r in runs if r.get("kind") == "fullstack"]
+    if full:
+        fs: dict[str, Any] = {"notifications": plan.full_notifications}
+        for impl in REDIS_IMPLS:
+            mine = [r for r in full if r["impl"] == impl]
+            fs[impl] = {
+                "notifications_per_s": spread([r["notifications_per_s"] for r in mine]),
+                "server_cpu_us_per_notification": median([r["server_cpu_s"] / r["notifications"] * 1e6 for r in mine]),
+                "redis_cpu_us_per_notification": median([r["redis_cpu_s"] / r["notifications"] * 1e6 for r in mine]),
+            }
+        nps = {impl: fs[impl]["notifications_per_s"]["median"] for impl in REDIS_IMPLS}
+        fs["redis_over_memory"] = nps["redis"] / nps["memory"]
+        fs["redis_over_stock"] = nps["redis"] / nps["stock"]
+        summary["fullstack"] = fs
+
+    pings = [r for r in runs if r.get("kind") == "ping"]
+    if pings:
+        ping: dict[str, Any] = {"seconds": plan.redis_ping_seconds}
+        for variant in PING_VARIANTS:
+            pooled = [rtt for r in pings if r["variant"] == variant for rtt in r["rtts_ms"]]
+            ping[variant] = {
+                "p50_ms": percentile(pooled, 50),
+                "p99_ms": percentile(pooled, 99),
+                "pings": len(pooled),
+            }
+        summary["ping"] = ping
+
+    resumes = [r for r in runs if r.get("kind") == "resume"]
+    if resumes:
+        resume: dict[str, Any] = {"events": plan.resume_events, "payload_bytes": plan.resume_payload}
+        for variant in RESUME_VARIANTS:
+            mine = [r for r in resumes if r["variant"] == variant]
+            resume[variant] = {
+                "rounds": len(mine),
+                "head_ms": spread([r["head_s"] * 1000 for r in mine]),
+                "first_event_ms": spread([r["first_s"] * 1000 for r in mine]),
+                "all_events_ms": spread([r["all_s"] * 1000 for r in mine]),
+                "events_per_s": spread([r["events_per_s"] for r in mine]),
+                "server_cpu_us_per_event": median([r["server_cpu_s"] / r["events"] * 1e6 for r in mine]),
+                "produce_ms": median([r["produce_s"] * 1000 for r in mine]),
+            }
+        summary["resume"] = resume
+
+    takeovers = [r for r in runs if r.get("kind") == "takeover"]
+    if takeovers:
+        left = [r["lease_left_s"] * 1000 for r in takeovers if r["lease_left_s"] is not None]
+        summary["takeover"] = {
+            "rounds": len(takeovers),
+            "owner_lease_s": takeovers[0]["owner_lease_s"],
+            "interval_s": plan.takeover_interval,
+            "continued_ms": spread([r["continued_s"] * 1000 for r in takeovers]),
+            "lease_left_ms": spread(left),
+            "beyond_lease_ms": median(
+                [(r["continued_s"] - r["lease_left_s"]) * 1000 for r in takeovers if r["lease_left_s"] is not None]
+            ),
+            "eof_ms": median([r["eof_s"] * 1000 for r in takeovers]),
+            "endpoint_ms": spread([r["endpoint_s"] * 1000 for r in takeovers]),
+            "replayed": median([r["replayed"] for r in takeovers]),
+            "ping_after_ms": median([r["ping_after_ms"] for r in takeovers]),
+            "interrupted_codes": sorted({str(r["interrupted_code"]) for r in takeovers}),
+        }
+    return summary
+
+
 SUMMARIZERS = {
     "transport": summarize_transport,
     "fullstack": summarize_fullstack,
     "stalled": summarize_stalled,
     "idle": summarize_idle,
     "resume": summarize_resume,
+    "redis": summarize_redis,
 }
 
 
@@ -625,6 +1059,8 @@ def plan_from_json(saved: dict[str, Any]) -> Plan:
     fields: dict[str, Any] = dict(saved)
     fields["sizes"] = tuple(fields["sizes"])
     fields["events"] = tuple((int(size), int(n)) for size, n in fields["events"])
+    if "redis_events" in fields:
+        fields["redis_events"] = tuple((int(size), int(n)) for size, n in fields["redis_events"])
     return Plan(**fields)
 
 

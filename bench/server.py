@@ -25,6 +25,12 @@ uvicorn (h11, asyncio loop, no access log) until SIGTERM. The app is the same fo
 - ``/messages/``              the transport's POST endpoint.
 - ``GET /stats?tag=T``        the flood producer's progress, as JSON.
 
+With ``--redis-url`` (ours only) the transport keeps its sessions in that Redis
+(``SseConfig(redis_url=...)``, the lowlevel ``Server`` passed as ``server=`` for the sessions it
+takes over, the transport entered for the server's life), so several of these processes sharing
+one Redis are workers of one deployment; ``--redis-prefix`` and ``--owner-lease`` as in
+``SseConfig``. Everything else is as without it.
+
 Stock (``mcp.server.sse.SseServerTransport``) uses the SDK's documented endpoint pattern (a
 Starlette function endpoint around ``connect_sse`` that returns ``Response()``); ours
 (``mcp_sse_transport.SseServerTransport``) a raw ASGI endpoint, as its docs recommend, served by the
@@ -35,6 +41,7 @@ differs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -74,18 +81,23 @@ def make_message(size: int) -> types.JSONRPCNotification:
 
 
 def make_lowlevel_server() -> Server[Any]:
-    """The full-stack server: one tool, ``progress``, that sends ``count`` progress notifications."""
+    """The full-stack server: one tool, ``progress``, that sends ``count`` progress notifications
+    (``interval`` seconds apart, 0 by default: as fast as they go)."""
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
-        schema = {"type": "object", "properties": {"count": {"type": "integer"}}, "required": ["count"]}
+        properties = {"count": {"type": "integer"}, "interval": {"type": "number"}}
+        schema = {"type": "object", "properties": properties, "required": ["count"]}
         return types.ListToolsResult(tools=[types.Tool(name="progress", input_schema=schema)])
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         count = int((params.arguments or {}).get("count", 0))
+        interval = float((params.arguments or {}).get("interval", 0))
         token = (ctx.meta or {}).get("progress_token")
         if token is not None:
             for i in range(1, count + 1):
                 await ctx.session.send_progress_notification(token, i, count, related_request_id=ctx.request_id)
+                if interval:
+                    await anyio.sleep(interval)
         return types.CallToolResult(content=[types.TextContent(type="text", text=f"sent {count}")])
 
     return Server("bench", on_list_tools=list_tools, on_call_tool=call_tool)
@@ -229,8 +241,21 @@ Body = Callable[[Scope, Any, Any], Awaitable[None]]
 """What an endpoint does with ``(scope, read_stream, write_stream)`` once the session is open."""
 
 
-def build_app(impl: str, grant_timeout: float | None, write_timeout: float | None) -> tuple[Starlette, Any]:
+def build_app(
+    impl: str,
+    grant_timeout: float | None,
+    write_timeout: float | None,
+    *,
+    redis_url: str | None = None,
+    redis_prefix: str | None = None,
+    owner_lease: float | None = None,
+) -> tuple[Starlette, Any]:
+    """The app and its transport. With ``redis_url`` (ours only) the transport must be entered
+    (``async with``) for as long as the app serves."""
+    mcp_server = make_lowlevel_server()
     if impl == "stock":
+        if redis_url is not None:
+            raise ValueError("--redis-url is for --impl ours")
         from mcp.server.sse import SseServerTransport as StockTransport
 
         transport: Any = StockTransport("/messages/")
@@ -242,9 +267,17 @@ def build_app(impl: str, grant_timeout: float | None, write_timeout: float | Non
             config = dataclasses.replace(config, grant_timeout=grant_timeout)
         if write_timeout is not None:
             config = dataclasses.replace(config, write_timeout=write_timeout)
-        transport = SseServerTransport("/messages/", config=config)
+        if redis_url is None:
+            transport = SseServerTransport("/messages/", config=config)
+        else:
+            config = dataclasses.replace(config, redis_url=redis_url)
+            if redis_prefix is not None:
+                config = dataclasses.replace(config, redis_prefix=redis_prefix)
+            if owner_lease is not None:
+                config = dataclasses.replace(config, owner_lease=owner_lease)
+            # A worker runs the server of every session it takes over from a worker that died.
+            transport = SseServerTransport("/messages/", config=config, server=mcp_server)
 
-    mcp_server = make_lowlevel_server()
     flood = Flood()
     replays = Replays()
 
@@ -363,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", choices=IMPLS, required=True)
     parser.add_argument("--grant-timeout", type=float, default=None, help="ours: SseConfig.grant_timeout")
     parser.add_argument("--write-timeout", type=float, default=None, help="ours: SseConfig.write_timeout")
+    parser.add_argument("--redis-url", default=None, help="ours: SseConfig.redis_url (scale-out on this Redis)")
+    parser.add_argument("--redis-prefix", default=None, help="ours, with --redis-url: SseConfig.redis_prefix")
+    parser.add_argument("--owner-lease", type=float, default=None, help="ours, with --redis-url: SseConfig.owner_lease")
     parser.add_argument("--profile", default=None, help="write a pyinstrument profile of the whole run here")
     args = parser.parse_args(argv)
 
@@ -373,7 +409,14 @@ def main(argv: list[str] | None = None) -> None:
         import runpy
 
         runpy.run_path(preload, run_name="bench_preload")
-    app, _ = build_app(args.impl, args.grant_timeout, args.write_timeout)
+    app, transport = build_app(
+        args.impl,
+        args.grant_timeout,
+        args.write_timeout,
+        redis_url=args.redis_url,
+        redis_prefix=args.redis_prefix,
+        owner_lease=args.owner_lease,
+    )
 
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
     # accepted sockets inherit the listener's. With socket.socket(AF_INET, SOCK_STREAM) (proto 0)
@@ -411,9 +454,16 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default disposition that
     # would kill the process before the profile is written.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    print(f"READY {sock.getsockname()[1]} {os.getpid()}", flush=True)
+
+    async def serve() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if args.redis_url is not None:
+                await stack.enter_async_context(transport)  # joins the cluster; hands sessions off on exit
+            print(f"READY {sock.getsockname()[1]} {os.getpid()}", flush=True)
+            await server.serve(sockets=[sock])
+
     try:
-        anyio.run(lambda: server.serve(sockets=[sock]))
+        anyio.run(serve)
     finally:
         if profiler is not None:
             profiler.stop()

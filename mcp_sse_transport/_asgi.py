@@ -66,18 +66,21 @@ async def stream_session(
     after: str | None = None,
     attachment: Attachment | None = None,
     sink: Sink | None = None,
+    arrived: float | None = None,
 ) -> None:
     """Serve ``handler``'s events as this request's response until the connection drops or the
     session ends. A new session comes with its ``attachment``; a resume (``after`` a token)
-    attaches here, superseding any connection still attached. ``sink`` continues a response
-    whose head :func:`open_stream` already sent.
+    attaches here, superseding any connection still attached, unless a resume that arrived
+    later (``arrived``: when this one did, by the wall clock) claimed the session first. ``sink``
+    continues a response whose head :func:`open_stream` already sent.
     """
+    claim = handler.claim(arrived) if attachment is None else None  # the last resume to arrive wins
     if sink is None:
         sink = await open_stream(send)
-    if attachment is None:
-        while handler.attached:  # the last resume wins
-            await handler.supersede()
-        attachment = handler.attach()
+    if claim is not None:
+        attachment = await handler.attach_latest(claim)
+        if attachment is None:  # a later resume of the session got there first
+            return await end_stream(scope, send, False, handler.config.write_timeout)
     graceful = await handler.run(
         sink, preface=preface, after=after, attachment=attachment, closed=disconnected(receive)
     )

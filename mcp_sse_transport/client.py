@@ -152,32 +152,56 @@ async def resumable_sse_client(
             finally:
                 read_writer.close()
 
+        async def refuse(message: types.JSONRPCMessage, exc: Exception) -> None:
+            """A POST refused, or never sent: no answer will come, so fail its request now."""
+            logger.warning("POST failed (%s)", type(exc).__name__)
+            if isinstance(message, types.JSONRPCRequest):
+                state.pending.discard(message.id)
+                error = types.ErrorData(code=types.CONNECTION_CLOSED, message="Could not send the request")
+                await _deliver(read_writer, types.JSONRPCError(jsonrpc="2.0", id=message.id, error=error))
+
+        async def post(message: types.JSONRPCMessage) -> None:
+            """POST one message. When its outcome is unknown (the connection dropped mid-request:
+            it may have arrived), a message with an id is sent again, up to ``max_reconnects``
+            times: the server accepts a request id once per session, so nothing runs twice."""
+            assert state.endpoint is not None
+            resend = getattr(message, "id", None) is not None
+            unknown = False  # an attempt may have arrived
+            for attempt in range(max_reconnects + 1):
+                if attempt:
+                    await anyio.sleep(min(max_delay, state.retry * 2 ** (attempt - 1)))
+                try:
+                    response = await request_within_origin(
+                        client,
+                        "POST",
+                        state.endpoint,
+                        json=message.model_dump(by_alias=True, mode="json", exclude_unset=True),
+                    )
+                    if unknown and response.status_code == 503:  # unavailable now: ask again later
+                        continue
+                    response.raise_for_status()
+                    return
+                except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.HTTPStatusError) as exc:
+                    if not unknown:
+                        return await refuse(message, exc)
+                    if isinstance(exc, httpx2.HTTPStatusError):  # the server's own answer: settled
+                        return
+                except httpx2.HTTPError as exc:
+                    again = "; sending it again" if resend else ""
+                    logger.warning("POST outcome unknown (%s)%s", type(exc).__name__, again)
+                    if not resend:
+                        return
+                    unknown = True
+            # Still unknown: it may have arrived, so the request stays pending (the session's
+            # end, or the caller's own timeout, fails it).
+
         async def post_writer() -> None:
             async with write_reader:
                 async for session_message in write_reader:
                     message = session_message.message
                     if isinstance(message, types.JSONRPCRequest):
                         state.pending.add(message.id)
-                    assert state.endpoint is not None
-                    try:
-                        response = await request_within_origin(
-                            client,
-                            "POST",
-                            state.endpoint,
-                            json=message.model_dump(by_alias=True, mode="json", exclude_unset=True),
-                        )
-                        response.raise_for_status()
-                    except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.HTTPStatusError) as exc:
-                        # Refused, or never sent: no answer will come. (A POST that fails after it
-                        # was sent may have arrived: its request stays pending, and is answered,
-                        # or failed with the session.)
-                        logger.warning("POST failed (%s)", type(exc).__name__)
-                        if isinstance(message, types.JSONRPCRequest):
-                            state.pending.discard(message.id)
-                            error = types.ErrorData(code=types.CONNECTION_CLOSED, message="Could not send the request")
-                            await _deliver(read_writer, types.JSONRPCError(jsonrpc="2.0", id=message.id, error=error))
-                    except httpx2.HTTPError as exc:
-                        logger.warning("POST outcome unknown (%s)", type(exc).__name__)
+                    await post(message)
 
         try:
             async with anyio.create_task_group() as tg:

@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from .config import SseConfig
 from .errors import StoreError
 from .handler import Sink, session_tag
+from .ids import SEEN_REQUEST_IDS
 from .redis_store import RedisEventStore
 
 __all__ = ["Cluster", "DirectoryEntry", "OwnerUnreachable", "Relay"]
@@ -45,6 +46,17 @@ return 1
 """Renew this worker's lease (or take it back if it ran out while no one took it: after a Redis
 outage), and keep the session's other keys from expiring. 0: another worker holds it; -1: the
 session's directory entry is gone (Redis lost its data)."""
+
+_ACCEPT = """
+if redis.call('sadd', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('sadd', KEYS[2], ARGV[1])
+redis.call('pexpire', KEYS[1], ARGV[3])
+redis.call('pexpire', KEYS[2], ARGV[3])
+if redis.call('scard', KEYS[1]) > tonumber(ARGV[2]) then redis.call('spop', KEYS[1]) end
+return 1
+"""
+"""Note a request id as seen and unanswered, unless it was seen before: 0 then. KEYS: seen,
+pending; ARGV: the id, how many ids to remember, the keys' expiry in ms."""
 
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
@@ -85,10 +97,13 @@ def _unpack(data: bytes) -> tuple[dict[str, Any], bytes]:
 class _Link:
     """The owner's end of a stream relayed by another worker."""
 
-    __slots__ = ("acked", "detached", "follower", "sent", "woken")
+    __slots__ = ("acked", "attached", "claim", "detached", "follower", "sent", "woken")
 
-    def __init__(self, follower: str) -> None:
+    def __init__(self, follower: str, claim: tuple[float, int] | None) -> None:
         self.follower = follower
+        self.claim = claim
+        """The session's place in line for this stream, taken as the resume arrived."""
+        self.attached = False
         self.sent = 0
         self.acked = 0
         self.woken: anyio.Event | None = None
@@ -104,12 +119,19 @@ class Relay:
     """The relaying worker's end of a stream whose session lives on another worker: what the
     owner sends, in order, as ``(header, body)`` pairs."""
 
-    def __init__(self, cluster: Cluster, conn: str, owner: str) -> None:
+    def __init__(self, cluster: Cluster, conn: str, owner: str, session_id: str, arrived: float) -> None:
         self._cluster = cluster
+        self.arrived = arrived
         self.conn = conn
         self.owner = owner
+        self.session_id = session_id
+        self.attached = False
         send, self.messages = anyio.create_memory_object_stream[tuple[dict[str, Any], bytes]](16)
         self._send: MemoryObjectSendStream[tuple[dict[str, Any], bytes]] = send
+
+    async def attach(self, after: str) -> None:
+        """Ask the owner to stream the events after ``after`` here (once its claim's turn comes)."""
+        await self._cluster._attach(self, after)
 
     def _deliver(self, header: dict[str, Any], body: bytes) -> None:
         try:
@@ -145,8 +167,10 @@ class Cluster:
         self._links: dict[str, _Link] = {}
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._accept = redis.register_script(_ACCEPT)
         self._task_group: anyio.abc.TaskGroup | None = None
         self.on_post: Callable[[dict[str, Any], bytes], Awaitable[int]] | None = None
+        self.on_claim: Callable[[str, float], tuple[float, int] | None] | None = None
         self.on_attach: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         self.on_lost: Callable[[str, bool], None] | None = None
 
@@ -248,7 +272,11 @@ class Cluster:
         elif kind == "posted" and (reply := self._replies.get(header["r"])) is not None:
             reply[1].append(int(header["s"]))
             reply[0].set()
-        elif kind == "attach" and self.on_attach is not None:
+        elif kind == "claim":  # a resume arrived at another worker: its place in line is now
+            claim = self.on_claim(header["sid"], header["at"]) if self.on_claim is not None else None
+            self._links[header["c"]] = _Link(header["f"], claim)
+        elif kind == "attach" and self.on_attach is not None and (link := self._links.get(header["c"])) is not None:
+            link.attached = True
             self.spawn("a stream relayed by another worker", self.on_attach, header)
         elif kind in ("chunk", "end") and (relay := self._relays.get(header["c"])) is not None:
             relay._deliver(header, body)
@@ -256,6 +284,8 @@ class Cluster:
             link.ack(int(header["s"]))
         elif kind == "detach" and (link := self._links.get(header["c"])) is not None:
             link.detached.set()
+            if not link.attached:
+                del self._links[header["c"]]
 
     async def _publish(self, worker_id: str, header: dict[str, Any], body: bytes = b"") -> int:
         """Send to a worker; returns how many received it (0: nobody listens there)."""
@@ -273,7 +303,7 @@ class Cluster:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for session_id in owned:
-                        keys = [self._key(session_id, name) for name in ("owner", "meta", "pending")]
+                        keys = [self._key(session_id, name) for name in ("owner", "meta", "pending", "seen")]
                         await self._renew(
                             [*keys, self.store.key(session_id)], [self.worker_id, lease_ms, keep_ms], pipe
                         )
@@ -363,7 +393,8 @@ class Cluster:
         self._owned.discard(session_id)
         async with _redis_errors("forgetting", session_id):
             await self._release([self._key(session_id, "owner")], [self.worker_id])
-            await self.redis.delete(self._key(session_id, "meta"), self._key(session_id, "pending"))
+            names = ("meta", "pending", "seen")
+            await self.redis.delete(*(self._key(session_id, name) for name in names))
         self._held.discard(session_id)
         await self.store.drop(session_id)
 
@@ -371,9 +402,15 @@ class Cluster:
         async with _redis_errors("recording the handshake", session_id):
             await self.redis.hset(self._key(session_id, "meta"), field, body)
 
-    async def add_pending(self, session_id: str, request_id: str | int) -> None:
+    async def accept_request(self, session_id: str, request_id: str | int) -> bool:
+        """Note a request as accepted and unanswered; False if the session had it already (a
+        POST the client sent again, not knowing whether the first one arrived)."""
+        keys = [self._key(session_id, "seen"), self._key(session_id, "pending")]
         async with _redis_errors("recording a request", session_id):
-            await self.redis.sadd(self._key(session_id, "pending"), json.dumps(request_id))
+            new = await self._accept(
+                keys, [json.dumps(request_id), SEEN_REQUEST_IDS, round(self.config.replay_max_age * 1000)]
+            )
+        return bool(new)
 
     async def remove_pending(self, session_id: str, *request_ids: str | int) -> None:
         """The requests were answered (their answers are stored)."""
@@ -427,23 +464,36 @@ class Cluster:
     # -- streams relayed by another worker -----------------------------------------------------
 
     @asynccontextmanager
-    async def relay(self, owner: str, session_id: str, after: str) -> AsyncIterator[Relay]:
-        """Ask the owner to stream the session's events after ``after`` to this worker.
+    async def relay(self, owner: str, session_id: str, arrived: float) -> AsyncIterator[Relay]:
+        """Take the session's place in line at its owner, for a resume that arrived here; then
+        :meth:`Relay.attach` asks it to stream the events after a token to this worker.
 
         Raises :class:`OwnerUnreachable` when nobody listens on the owner's channel.
         """
-        relay = Relay(self, uuid4().hex, owner)
+        relay = Relay(self, uuid4().hex, owner, session_id, arrived)
         self._relays[relay.conn] = relay
         try:
-            header = {"t": "attach", "sid": session_id, "c": relay.conn, "f": self.worker_id, "a": after}
             async with _redis_errors("relaying a stream", session_id):
-                received = await self._publish(owner, header)
+                claim = {"t": "claim", "sid": session_id, "c": relay.conn, "f": self.worker_id, "at": arrived}
+                received = await self._publish(owner, claim)
             if not received:
                 raise OwnerUnreachable(owner)
-            yield relay
+            try:
+                yield relay
+            finally:
+                if not relay.attached:  # the owner holds the claim: give it back
+                    with anyio.CancelScope(shield=True):
+                        await self.detach(relay)
         finally:
             del self._relays[relay.conn]
             relay._send.close()
+
+    async def _attach(self, relay: Relay, after: str) -> None:
+        relay.attached = True
+        header: dict[str, Any] = {"t": "attach", "sid": relay.session_id, "c": relay.conn, "f": self.worker_id}
+        header.update(a=after, at=relay.arrived)
+        async with _redis_errors("relaying a stream", relay.session_id):
+            await self._publish(relay.owner, header)
 
     async def ack(self, relay: Relay, seq: int) -> None:
         """Tell the owner chunk ``seq`` was written: it may send the next."""
@@ -460,11 +510,14 @@ class Cluster:
             logger.info("cluster: could not report a closed relay (%s)", exc)
 
     @asynccontextmanager
-    async def link(self, header: dict[str, Any]) -> AsyncIterator[tuple[Sink, Callable[[], Awaitable[object]]]]:
+    async def link(
+        self, header: dict[str, Any]
+    ) -> AsyncIterator[tuple[Sink, Callable[[], Awaitable[object]], tuple[float, int] | None]]:
         """The owner's end of a relayed stream: a sink that returns once the relaying worker
-        wrote the chunk, and an awaitable that returns once its connection is gone."""
+        wrote the chunk, an awaitable that returns once its connection is gone, and the claim
+        taken when the resume arrived (``None`` if the session was not here yet)."""
         conn, follower = header["c"], header["f"]
-        link = self._links[conn] = _Link(follower)
+        link = self._links.setdefault(conn, _Link(follower, None))
 
         async def sink(chunk: bytes) -> None:
             link.sent += 1
@@ -476,12 +529,13 @@ class Cluster:
                 await link.woken.wait()
 
         try:
-            yield sink, link.detached.wait
+            yield sink, link.detached.wait, link.claim
         finally:
-            del self._links[conn]
+            self._links.pop(conn, None)
 
     async def end_link(self, header: dict[str, Any], graceful: bool) -> None:
         """Tell the relaying worker the stream is over (``graceful``: close it, else drop it)."""
+        self._links.pop(header["c"], None)
         try:
             await self._publish(header["f"], {"t": "end", "c": header["c"], "g": graceful})
         except (RedisError, OSError) as exc:

@@ -156,6 +156,7 @@ class SessionHandler:
         "_append_nowait",
         "_bytes_sent",
         "_changed",
+        "_claims",
         "_connection",
         "_connections",
         "_deferred",
@@ -169,6 +170,7 @@ class SessionHandler:
         "_last_token",
         "_last_write",
         "_ledger",
+        "_newest",
         "_queue",
         "_state",
         "_store",
@@ -213,6 +215,8 @@ class SessionHandler:
         self._yielded_at = 0.0
         self._connection: Attachment | None = None
         self._connections = 0
+        self._claims = 0
+        self._newest: tuple[float, int] | None = None
         self._events_sent = 0
         self._bytes_sent = 0
         self._heartbeats_sent = 0
@@ -343,7 +347,9 @@ class SessionHandler:
             batch, self._deferred = self._deferred or [], []
             if batch:
                 try:
-                    tokens = await self._append_many(batch)
+                    # Shielded: a batch taken and not stored would be lost, its room never given back.
+                    with anyio.CancelScope(shield=True):
+                        tokens = await self._append_many(batch)
                 except StoreError as exc:
                     logger.error("session %s: the event store failed (%s); the session ends", self.tag, exc)
                     final = encode_error(ErrorCode.STORE_UNAVAILABLE, "Session store unavailable; the session ends")
@@ -505,6 +511,24 @@ class SessionHandler:
         self._end(SessionState.BROKEN)
 
     # -- the writer --------------------------------------------------------------------------
+
+    def claim(self, arrived: float | None = None) -> tuple[float, int]:
+        """Take a place in line to attach, for a resume that ``arrived`` at that wall-clock time
+        (``time.time()`` on whichever worker it reached; default now). :meth:`attach_latest`
+        with it attaches only if no resume arrived later: the last to arrive wins, however
+        long each takes to get its turn (a worker may wait out a dead owner's lease first)."""
+        self._claims += 1
+        claim = (time.time() if arrived is None else arrived, self._claims)
+        if self._newest is None or claim > self._newest:
+            self._newest = claim
+        return claim
+
+    async def attach_latest(self, claim: tuple[float, int]) -> Attachment | None:
+        """Supersede whatever connection is attached, then attach, unless a resume that arrived
+        later claimed the session: then ``None``, and the caller's connection should be dropped."""
+        while claim == self._newest and self._connection is not None:
+            await self.supersede()
+        return self.attach() if claim == self._newest else None
 
     def attach(self) -> Attachment:
         """Claim the session for a new connection; ``run`` it next. A connection still attached

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_event_id", "parse_event_id"]
+__all__ = ["SEEN_REQUEST_IDS", "format_event_id", "parse_event_id"]
+
+SEEN_REQUEST_IDS = 10_000
+"""Request ids a session remembers, to recognise a POST the client sent again because it could
+not tell whether the first arrived (MCP forbids reusing a request id within a session). Past
+this many, the oldest is forgotten (with Redis, one at random)."""
 
 _EVENT_ID = re.compile(r"([0-9a-f]{32}):([0-9A-Za-z._-]{1,64})")
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -40,7 +42,7 @@ from .config import SseConfig
 from .errors import ErrorCode, StoreError
 from .events import encode_error, encode_event, error_body
 from .handler import SessionHandler, Sink, replay_chunks, session_tag
-from .ids import format_event_id, parse_event_id
+from .ids import SEEN_REQUEST_IDS, format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
 from .store import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay
 
@@ -69,6 +71,29 @@ class _Session:
     """Taken over: the id of the replayed ``initialize``, whose response the client already has."""
     handed_off: bool = False
     """Another worker carries the session on: its Redis state outlives this process's copy."""
+    seen: _SeenIds = field(default_factory=lambda: _SeenIds())
+    """Request ids already accepted (without Redis: Redis keeps them across workers)."""
+
+
+class _SeenIds:
+    """The last :data:`SEEN_REQUEST_IDS` request ids of a session, to recognise a POST sent again."""
+
+    __slots__ = ("_ids", "_order")
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._order: deque[str] = deque()
+
+    def add(self, request_id: types.RequestId) -> bool:
+        """False if the id was seen before."""
+        key = json.dumps(request_id)
+        if key in self._ids:
+            return False
+        self._ids.add(key)
+        self._order.append(key)
+        if len(self._order) > SEEN_REQUEST_IDS:
+            self._ids.discard(self._order.popleft())
+        return True
 
 
 def _ended_streams() -> tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]:
@@ -277,6 +302,7 @@ class SseServerTransport:
         when Redis cannot be reached."""
         if self._cluster is not None:
             self._cluster.on_post = self._on_post
+            self._cluster.on_claim = self._on_claim
             self._cluster.on_attach = self._on_attach
             self._cluster.on_lost = self._on_lost
             await self._cluster.__aenter__()
@@ -324,6 +350,7 @@ class SseServerTransport:
         """
         if scope["type"] != "http":
             raise ValueError("connect_sse can only handle HTTP requests")
+        arrived = time.time()  # a resume's place in line, on any worker: the last to arrive wins
         if self._cluster is not None:
             self._cluster.check_running()
         request = Request(scope, receive)
@@ -344,7 +371,7 @@ class SseServerTransport:
 
         preface = b""
         if last_event_id:
-            resume = await self._find_resumable(last_event_id, scope, receive, send)
+            resume = await self._find_resumable(last_event_id, arrived, scope, receive, send)
             if resume is not None:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(resume)
@@ -422,7 +449,7 @@ class SseServerTransport:
             logger.warning("session %s: %s", session.handler.tag, exc)
 
     async def _find_resumable(
-        self, last_event_id: str, scope: Scope, receive: Receive, send: Send
+        self, last_event_id: str, arrived: float, scope: Scope, receive: Receive, send: Send
     ) -> Callable[[], Coroutine[Any, Any, None]] | None:
         """What serves the resume a Last-Event-ID asks for, if this credential may resume it.
         Answers 503 itself if the store cannot be reached."""
@@ -433,7 +460,7 @@ class SseServerTransport:
         session = self._registry.get(session_id)
         try:
             if session is None and self._cluster is not None:
-                return await self._find_in_cluster(session_id, token, scope, receive, send)
+                return await self._find_in_cluster(session_id, token, arrived, scope, receive, send)
             if session is None or session.handler.ended or _owner(scope) != session.owner:
                 return None
             if await self._store.replay(session_id, token, until=token) is None:  # valid, without the events
@@ -444,7 +471,7 @@ class SseServerTransport:
             raise RequestRejected("Session store unavailable") from exc
         logger.info("session %s: resuming", session.handler.tag)
         preface = self._endpoint_event(scope, session_id, first=False)
-        return partial(stream_session, session.handler, scope, receive, send, preface, after=token)
+        return partial(stream_session, session.handler, scope, receive, send, preface, after=token, arrived=arrived)
 
     def _endpoint_event(self, scope: Scope, session_id: str, *, first: bool) -> bytes:
         """The ``endpoint`` event. A new session's carries the id ``<session>:0``, "before the first
@@ -505,12 +532,16 @@ class SseServerTransport:
             return Response("Could not parse message", status_code=400), partial(
                 self._report_parse_error, session, body, err
             )
-        if self._cluster is not None:
-            try:
-                await self._record(session.handler.session_id, message, body)
-            except StoreError as exc:
-                logger.warning("session %s: %s", session.handler.tag, exc)
-                return self._unavailable("Session store unavailable"), None
+        try:
+            first_time = await self._record(session, message, body)
+        except StoreError as exc:
+            logger.warning("session %s: %s", session.handler.tag, exc)
+            return self._unavailable("Session store unavailable"), None
+        if not first_time:
+            # MCP forbids reusing a request id in a session: this is a POST sent again by a client
+            # that could not tell whether the first arrived. It did; the answer comes once.
+            logger.info("session %s: a request was POSTed again; not delivered twice", session.handler.tag)
+            return Response("Accepted", status_code=202), None
         try:
             # Hand the message over before answering 202: an accepted message is never lost.
             await session.inbound.send(SessionMessage(message, metadata=ServerMessageMetadata(request_context=request)))
@@ -518,16 +549,25 @@ class SseServerTransport:
             return _not_found(), None
         return Response("Accepted", status_code=202), None
 
-    async def _record(self, session_id: str, message: types.JSONRPCMessage, body: bytes) -> None:
-        """Keep in Redis what a worker taking the session over needs: the handshake, and which
-        requests still wait for an answer."""
-        assert self._cluster is not None
+    async def _record(self, session: _Session, message: types.JSONRPCMessage, body: bytes) -> bool:
+        """Note a request's id, and keep in Redis what a worker taking the session over needs:
+        the handshake, and which requests still wait for an answer. False for a request id the
+        session has seen before."""
+        session_id, cluster = session.handler.session_id, self._cluster
         if isinstance(message, types.JSONRPCRequest):
+            if cluster is None:
+                return session.seen.add(message.id)
+            if not await cluster.accept_request(session_id, message.id):
+                return False
             if message.method == "initialize":
-                await self._cluster.record_handshake(session_id, "init", body)
-            await self._cluster.add_pending(session_id, message.id)
-        elif isinstance(message, types.JSONRPCNotification) and message.method == "notifications/initialized":
-            await self._cluster.record_handshake(session_id, "initialized", body)
+                await cluster.record_handshake(session_id, "init", body)
+        elif (
+            cluster is not None
+            and isinstance(message, types.JSONRPCNotification)
+            and message.method == "notifications/initialized"
+        ):
+            await cluster.record_handshake(session_id, "initialized", body)
+        return True
 
     # -- scale-out: requests for sessions another worker owns, or owned --------------------------
 
@@ -592,7 +632,7 @@ class SseServerTransport:
             await anyio.sleep(remaining)  # a lease is a deadline: nothing to wait on but the clock
 
     async def _find_in_cluster(
-        self, session_id: str, token: str, scope: Scope, receive: Receive, send: Send
+        self, session_id: str, token: str, arrived: float, scope: Scope, receive: Receive, send: Send
     ) -> Callable[[], Coroutine[Any, Any, None]] | None:
         """What serves the resume of a session this worker does not hold, if Redis knows it and
         it belongs to this credential."""
@@ -603,10 +643,17 @@ class SseServerTransport:
         if await self._store.replay(session_id, token, until=token) is None:
             return None
         logger.info("session %s: resuming another worker's session", session_tag(session_id))
-        return partial(self._resume_in_cluster, session_id, token, entry, scope, receive, send)
+        return partial(self._resume_in_cluster, session_id, token, entry, arrived, scope, receive, send)
 
     async def _resume_in_cluster(
-        self, session_id: str, token: str, entry: DirectoryEntry, scope: Scope, receive: Receive, send: Send
+        self,
+        session_id: str,
+        token: str,
+        entry: DirectoryEntry,
+        arrived: float,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
         """Serve a resume here: replay from Redis, then relay the owner's live events; or, if the
         owner is gone, take the session over and serve it as this worker's own."""
@@ -621,14 +668,14 @@ class SseServerTransport:
         try:
             for _ in range(3):  # the owner may die, and another worker take over, meanwhile
                 if entry.owner is not None and entry.owner != cluster.worker_id:
-                    if preface:
-                        after = await self._replay_here(sink, session_id, token, preface)
-                        preface = b""
-                        if after is None:
-                            break
-                    assert after is not None
                     try:
-                        async with cluster.relay(entry.owner, session_id, after) as relay:
+                        async with cluster.relay(entry.owner, session_id, arrived) as relay:
+                            if preface:
+                                after = await self._replay_here(sink, session_id, token, preface)
+                                preface = b""
+                            if after is None:
+                                break
+                            await relay.attach(after)
                             graceful = await self._follow(relay, sink, receive, session_id)
                         return await end_stream(scope, send, graceful, self._config.write_timeout)
                     except OwnerUnreachable:
@@ -646,7 +693,7 @@ class SseServerTransport:
             session = None
         if session is None or after is None:
             return await end_stream(scope, send, False, self._config.write_timeout)
-        await stream_session(session.handler, scope, receive, send, preface, after=after, sink=sink)
+        await stream_session(session.handler, scope, receive, send, preface, after=after, sink=sink, arrived=arrived)
 
     async def _replay_here(self, sink: Sink, session_id: str, token: str, preface: bytes) -> str | None:
         """Write ``preface`` and the stored events after ``token``; returns the last token
@@ -704,9 +751,8 @@ class SseServerTransport:
         answered. ``None`` if another worker holds the lease."""
         cluster, server = self._cluster, self._server
         assert cluster is not None and server is not None
-        if (adopting := self._adopting.get(session_id)) is not None:
+        while (adopting := self._adopting.get(session_id)) is not None:  # another request takes it over
             await adopting.wait()
-            return self._registry.get(session_id)
         if (session := self._registry.get(session_id)) is not None:
             return session
         done = self._adopting[session_id] = anyio.Event()
@@ -723,7 +769,8 @@ class SseServerTransport:
                     raise
             return session
         finally:
-            del self._adopting[session_id]
+            if self._adopting.get(session_id) is done:
+                del self._adopting[session_id]
             done.set()
 
     async def _take_over(self, session_id: str, cluster: Cluster, server: Server[Any]) -> _Session | None:
@@ -784,9 +831,15 @@ class SseServerTransport:
             with anyio.CancelScope(shield=True):
                 await self._forget(session)
 
+    async def _local(self, session_id: str) -> _Session | None:
+        """This worker's session, once any takeover of it in progress here has finished."""
+        if (adopting := self._adopting.get(session_id)) is not None:
+            await adopting.wait()
+        return self._registry.get(session_id)
+
     async def _on_post(self, header: dict[str, Any], body: bytes) -> int:
         """A POST another worker handed over for a session of this worker's."""
-        session = self._registry.get(header["sid"])
+        session = await self._local(header["sid"])
         if session is None:
             return 404
         request = _forwarded_request(header)
@@ -802,20 +855,26 @@ class SseServerTransport:
             self._cluster.spawn("reporting a parse error", report)
         return response.status_code
 
+    def _on_claim(self, session_id: str, arrived: float) -> tuple[float, int] | None:
+        """A resume of this worker's session arrived at another worker: its place in line."""
+        session = self._registry.get(session_id)
+        return session.handler.claim(arrived) if session is not None else None
+
     async def _on_attach(self, header: dict[str, Any]) -> None:
         """Another worker relays a resumed stream of this worker's session: serve it through Redis."""
         assert self._cluster is not None
-        session = self._registry.get(header["sid"])
+        session = await self._local(header["sid"])
         graceful = False
         try:
             if session is None or session.handler.ended:
                 return
             handler = session.handler
-            async with self._cluster.link(header) as (sink, closed):
-                while handler.attached:  # the last resume wins
-                    await handler.supersede()
-                attachment = handler.attach()
-                graceful = await handler.run(sink, after=header["a"], attachment=attachment, closed=closed)
+            async with self._cluster.link(header) as (sink, closed, claim):
+                if claim is None:  # the session was being taken over here when the resume arrived
+                    claim = handler.claim(header["at"])
+                attachment = await handler.attach_latest(claim)
+                if attachment is not None:
+                    graceful = await handler.run(sink, after=header["a"], attachment=attachment, closed=closed)
         finally:
             await self._cluster.end_link(header, graceful)
 

@@ -87,6 +87,9 @@ async def _processes(
                         worker.process.kill()
                         await worker.process.wait()
             tg.cancel_scope.cancel()
+    with anyio.CancelScope(shield=True):
+        for worker in started:  # close the pipes and the transport now, not at garbage collection
+            await worker.process.aclose()
 
 
 @asynccontextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -199,6 +200,9 @@ class CuttingProxy:
         self.cuts = 0
         self.routed: list[tuple[str, int]] = []
         """Each connection's request method and the upstream port it went to, in order."""
+        self.lose_post_responses = 0
+        """The next this many POSTs reach the server, whose answer is then lost with the client's
+        connection: the client cannot tell whether they arrived."""
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
@@ -224,6 +228,9 @@ class CuttingProxy:
             await upstream.aclose()
             return
         self.routed.append((first.split(b" ", 1)[0].decode(errors="replace"), port))
+        if first.startswith(b"POST ") and self.lose_post_responses > 0:
+            self.lose_post_responses -= 1
+            return await _lose_response(client, upstream, first)
         if not self._streams_only or first.startswith(b"GET "):
             self._pairs.add(pair)
         try:
@@ -239,3 +246,21 @@ class CuttingProxy:
                 with suppress(OSError):  # the peer may have gone already
                     sock.shutdown(socket.SHUT_RDWR)
         self.cuts += 1
+
+
+async def _lose_response(client: anyio.abc.SocketStream, upstream: anyio.abc.SocketStream, first: bytes) -> None:
+    """Forward a request, wait for the start of its answer, then reset the client's connection."""
+    async with client, upstream, anyio.create_task_group() as tg:
+        await upstream.send(first)
+        tg.start_soon(_forward, client, upstream)
+        with suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            await upstream.receive()  # the server answered
+        sock = client.extra(anyio.abc.SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+        tg.cancel_scope.cancel()
+
+
+async def _forward(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream) -> None:
+    with suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        async for data in source:
+            await sink.send(data)

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mcp_sse_transport import ErrorCode, SseConfig, sse_app
 from mcp_sse_transport.client import resumable_sse_client
 
+from ._cluster import one_request_per_connection
 from ._support import CuttingProxy, RawSseStream, SseEvent, serving
 
 pytestmark = pytest.mark.anyio
@@ -33,6 +34,9 @@ async def _list_tools(ctx: ServerRequestContext, params: types.PaginatedRequestP
     )
 
 
+stream_runs: list[int] = []
+"""One entry per run of the ``stream`` tool, its count."""
+
 hang_entered: list[anyio.Event] = []
 """Set when the ``hang`` tool starts: the server holds the call."""
 
@@ -43,6 +47,7 @@ async def _call_tool(ctx: ServerRequestContext, params: types.CallToolRequestPar
             event.set()
         await anyio.Event().wait()
     count = int((params.arguments or {})["count"])
+    stream_runs.append(count)
     token = ctx.meta.get("progress_token") if ctx.meta else None
     for n in range(1, count + 1):
         if token is not None:
@@ -295,3 +300,19 @@ async def test_a_lost_session_fails_the_waiting_call_with_a_typed_error() -> Non
                         # The client comes back after retry (0.3 s), past the grace period (0.05 s).
                         proxy.cut()
     assert failure and failure[0].error.code == ErrorCode.RESUME_UNKNOWN
+
+
+async def test_a_post_whose_answer_is_lost_is_sent_again_and_runs_once() -> None:
+    config = SseConfig(retry_interval=0.05)
+    with anyio.fail_after(30):
+        async with serving(sse_app(streaming_server(), transport_security=OPEN, config=config)) as base:
+            proxy = CuttingProxy(base)
+            async with proxy.running() as proxied:
+                transport = resumable_sse_client(f"{proxied}/sse", httpx_client_factory=one_request_per_connection)
+                async with Client(transport, mode="legacy") as client:
+                    runs = len(stream_runs)
+                    proxy.lose_post_responses = 2  # the first POST, and the one sent again after it
+                    result = await client.call_tool("stream", {"count": 3})
+                    assert result.content[0] == types.TextContent(type="text", text="streamed 3")
+                    assert stream_runs[runs:] == [3], "sent three times, run once"
+                    assert proxy.lose_post_responses == 0

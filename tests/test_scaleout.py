@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx2
@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from mcp_sse_transport import ErrorCode, InMemoryEventStore, SseConfig, SseServerTransport, sse_app
 
 from ._support import RawSseStream, serving
-from .test_resume import OPEN, _UserFromHeader, call_stream, start_session, streaming_server
+from .test_resume import OPEN, _UserFromHeader, call_stream, start_session, stream_runs, streaming_server
 
 pytestmark = pytest.mark.anyio
 
@@ -123,7 +123,7 @@ async def test_an_ended_session_leaves_nothing_in_redis(redis_url: str, redis_pr
                         assert await raw.next_event() is not None
                     session = post_url[-32:]
                     names = sorted(key.decode().rsplit(":", 1)[1] for key in await keys())
-                    assert names == ["events", "meta", "owner"], "the call was answered: nothing pending"
+                    assert names == ["events", "meta", "owner", "seen"], "the call was answered: nothing pending"
                     assert all(session in key.decode() for key in await keys())
 
                 async def gone() -> bool:
@@ -152,7 +152,7 @@ async def test_the_last_resume_wins_across_workers(redis_url: str, redis_prefix:
                         assert superseded is not None and superseded.event == "error"
                         assert superseded.json()["code"] == ErrorCode.SUPERSEDED
                         assert await relayed.next_event() is None and relayed.ended
-                        assert (await http.post(post_url, json=call_stream(1))).status_code == 202
+                        assert (await http.post(post_url, json={**call_stream(1), "id": 2})).status_code == 202
                         answer = await own.next_event()
                         assert answer is not None and answer.json()["method"] == "notifications/progress"
 
@@ -182,3 +182,26 @@ async def test_live_events_reach_a_stream_relayed_by_another_worker(redis_url: s
     assert progress == list(range(1, count + 1))
     assert json.loads(json.dumps(body))["result"]["content"][0]["text"] == f"streamed {count}"
     assert last_id is not None
+
+
+async def test_a_request_posted_to_two_workers_runs_once(redis_url: str, redis_prefix: str) -> None:
+    async def next_answer(raw: RawSseStream) -> dict[str, Any]:
+        while True:
+            event = await raw.next_event()
+            assert event is not None
+            if "id" in (body := event.json()):
+                return cast(dict[str, Any], body)
+
+    with anyio.fail_after(30):
+        async with two_workers(redis_url, redis_prefix) as (a, b):
+            async with httpx2.AsyncClient(base_url=a) as http, RawSseStream.open(a) as raw:
+                post_url = await start_session(raw, http, retry_ms=50)
+                runs = len(stream_runs)
+                for worker in (a, b, a):  # as a client sends a POST again whose answer it lost
+                    assert (await http.post(f"{worker}{post_url}", json=call_stream(2))).status_code == 202
+                first = await next_answer(raw)
+                # A later request still runs: the session goes on.
+                assert (await http.post(f"{b}{post_url}", json={**call_stream(1), "id": 9})).status_code == 202
+                later = await next_answer(raw)
+    assert first["id"] == 1 and later["id"] == 9, "one answer each"
+    assert stream_runs[runs:] == [2, 1], "the request sent three times ran once"

@@ -1,21 +1,25 @@
-"""A bounded soak: about a minute of constant churn against one server, then flat memory and no
-session, replay log or task left behind. Excluded from the default run: ``pytest -m soak``."""
+"""Bounded soaks: about a minute of constant churn against one server, then flat memory and no
+session, replay log or task left behind; and a minute across three worker processes on Redis,
+two of them killed. Excluded from the default run: ``pytest -m soak``."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
+import signal
 from contextlib import AsyncExitStack
 
 import anyio
 import httpx2
 import pytest
 from mcp.client.client import Client
+from mcp.shared.exceptions import MCPError
 
-from mcp_sse_transport import SseConfig, sse_app
+from mcp_sse_transport import ErrorCode, SseConfig, sse_app
 from mcp_sse_transport.client import resumable_sse_client
 
+from ._cluster import one_request_per_connection, workers
 from ._support import CuttingProxy, RawSseStream, serving
 from .test_faults import fault_server
 from .test_integration import OPEN, initialize
@@ -102,3 +106,73 @@ async def test_a_minute_of_churn_leaves_memory_flat_and_nothing_behind() -> None
     assert counts["calls"] > 0 and counts["cuts"] > 0 and counts["raw sessions"] > 0
     assert growth < 8 * 1024, "memory stays flat after warm-up (under 8 MiB drift)"
     assert not tasks_left, tasks_left
+
+
+async def test_a_minute_of_churn_across_three_workers_two_of_them_killed(redis_url: str, redis_prefix: str) -> None:
+    """Three worker processes behind the balancer; streams cut every 50 to 300 ms; a worker
+    killed with SIGKILL at a third and at two thirds of the run. Every call is answered with
+    each progress notification once and in order, or, if its worker died, fails with
+    ``REQUEST_INTERRUPTED`` after a gapless prefix; nothing hangs."""
+    rng = random.Random(11)
+    counts = {"calls": 0, "interrupted": 0, "events": 0, "cuts": 0, "kills": 0, "failed connects": 0}
+    with anyio.fail_after(SOAK_SECONDS * 3 + 60):
+        async with workers(redis_url, redis_prefix, owner_lease=1.0) as started:
+            proxy = CuttingProxy([worker.url for worker in started], streams_only=True)
+            async with proxy.running() as balancer:
+                deadline = anyio.current_time() + SOAK_SECONDS
+
+                async def calling_client() -> None:
+                    received: list[float] = []
+
+                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                        received.append(progress)
+
+                    while anyio.current_time() < deadline:
+                        exit_stack = AsyncExitStack()
+                        transport = resumable_sse_client(
+                            f"{balancer}/sse", httpx_client_factory=one_request_per_connection
+                        )
+                        try:
+                            client = await exit_stack.enter_async_context(Client(transport, mode="legacy"))
+                        except httpx2.HTTPError:  # cut while connecting: the client reports it, as it should
+                            counts["failed connects"] += 1
+                            continue
+                        async with exit_stack:
+                            for _ in range(rng.randint(1, 5)):
+                                steps = rng.randint(1, 200)
+                                received.clear()
+                                arguments = {"steps": steps, "interval": 0.001}
+                                code = None
+                                try:
+                                    await client.call_tool("countdown", arguments, progress_callback=on_progress)
+                                except MCPError as error:
+                                    code = error.error.code
+                                if code is None:
+                                    assert received == list(range(1, steps + 1)), "exactly once, in order"
+                                    counts["calls"] += 1
+                                else:
+                                    assert code == ErrorCode.REQUEST_INTERRUPTED, code
+                                    assert received == list(range(1, len(received) + 1)), "a gapless prefix"
+                                    counts["interrupted"] += 1
+                                counts["events"] += len(received)
+
+                async def cutter() -> None:
+                    while anyio.current_time() < deadline:
+                        await anyio.sleep(rng.uniform(0.05, 0.3))  # load generation: when to cut, not a wait
+                        proxy.cut()
+                        counts["cuts"] += 1
+
+                async def killer() -> None:
+                    for _ in range(2):
+                        await anyio.sleep(SOAK_SECONDS / 3)  # load generation: when to kill, not a wait
+                        victim = rng.choice([worker for worker in started if worker.process.returncode is None])
+                        victim.process.send_signal(signal.SIGKILL)
+                        await victim.process.wait()
+                        counts["kills"] += 1
+
+                async with anyio.create_task_group() as tg:
+                    for task in (calling_client, calling_client, cutter, killer):
+                        tg.start_soon(task)
+    print(f"\ncluster soak: {counts}")
+    assert counts["kills"] == 2 and counts["cuts"] > 0 and counts["calls"] > 0
+    assert counts["interrupted"] <= 2 * counts["kills"], "only calls in flight on a killed worker"
