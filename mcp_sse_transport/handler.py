@@ -149,7 +149,8 @@ class SessionHandler:
     :class:`SessionClosedError` (an :class:`anyio.ClosedResourceError`) after :meth:`close`,
     :meth:`send_error` or :meth:`shutdown`, :class:`StoreUnavailableError` once the store failed.
     Events are stored before they are written; with a store that cannot store at once, sends
-    do not wait for it, and :meth:`flush` returns once everything sent is stored.
+    do not wait for it while a connection is attached (its writer stores them in batches), and
+    :meth:`flush` returns once everything sent is stored.
     """
 
     __slots__ = (
@@ -315,16 +316,19 @@ class SessionHandler:
             self._ledger.withdraw(grant)
             raise self._error()
         self._ledger.commit(grant, len(data))
-        self._accept(data, event)
+        if self._accept(data, event):
+            await self.flush()  # detached: stored now, so it survives this process
 
-    def _accept(self, data: bytes, event: str | None) -> None:
-        """Take a granted event: stored and queued at once, or deferred for the writer to store."""
+    def _accept(self, data: bytes, event: str | None) -> bool:
+        """Take a granted event: stored and queued at once, or deferred for the writer to store.
+        True if the producer should store it itself: no connection will, soon."""
         if self._deferred is None:
             assert self._append_nowait is not None
             self._enqueue(data, event, self._append_nowait(self.session_id, event, data))
-        else:
-            self._deferred.append((event, data))
-            self._wake()
+            return False
+        self._deferred.append((event, data))
+        self._wake()
+        return self._connection is None
 
     async def flush(self) -> None:
         """Return once every event sent so far is in the store. A store that cannot store at once
@@ -385,7 +389,9 @@ class SessionHandler:
         if isinstance(data, str):
             data = data.encode()
         if self._state is SessionState.OPEN and self._ledger.take(len(data)):
-            self._accept(data, event)
+            if self._accept(data, event):
+                await self.flush()  # detached: stored now, so it survives this process
+                return
             now = time.monotonic()
             if now - self._yielded_at >= _YIELD_INTERVAL:
                 self._yielded_at = now

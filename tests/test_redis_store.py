@@ -491,9 +491,8 @@ async def test_session_handler_ends_when_redis_fails(redis_process: RedisProcess
             await handler.send("kept")
             await handler.flush()
             redis_process.kill()
-            await handler.send("lost")  # producers do not wait for the store: the writer stores
             with pytest.raises(StoreUnavailableError):
-                await handler.flush()
+                await handler.send("lost")  # no connection: the producer stores it itself
             assert handler.failed
             with pytest.raises(StoreUnavailableError):
                 await handler.send("after")
