@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -71,8 +71,9 @@ class _Session:
     """Taken over: the id of the replayed ``initialize``, whose response the client already has."""
     handed_off: bool = False
     """Another worker carries the session on: its Redis state outlives this process's copy."""
-    seen: _SeenIds = field(default_factory=lambda: _SeenIds())
-    """Request ids already accepted (without Redis: Redis keeps them across workers)."""
+    seen: _SeenIds | None = None
+    """Request ids already accepted, from the first request on (without Redis: Redis keeps them
+    across workers)."""
 
 
 class _SeenIds:
@@ -556,6 +557,8 @@ class SseServerTransport:
         session_id, cluster = session.handler.session_id, self._cluster
         if isinstance(message, types.JSONRPCRequest):
             if cluster is None:
+                if session.seen is None:
+                    session.seen = _SeenIds()
                 return session.seen.add(message.id)
             if not await cluster.accept_request(session_id, message.id):
                 return False
