@@ -1356,12 +1356,13 @@ def _redis_markdown(results: dict[str, Any], plots: list[str]) -> str:
             f"The producer's {n} sends into the detached session took (median) "
             f"{_ms(resume['memory']['produce_ms'], 2)} ms with the in-memory store, "
             f"{_ms(resume['redis-owner']['produce_ms'], 2)} ms with Redis: at the commit measured (see "
-            "Machine) producers do not wait for a remote store; events produced while the session has no "
-            "connection wait in the owner's buffer and are stored, in one batch, when a connection next writes "
-            "them. So a resume on the owner first stores the missed events and then reads them back from Redis "
-            "(one `XRANGE`, whose reply redis-py parses "
+            "Machine) a send into a session with no connection stores its event at once (a round trip each, "
+            "shared by producers that send together), so that what a detached session produces survives its "
+            "worker; while a connection is attached, the writer stores what waits in one call instead. So a "
+            "resume, on the owner or on worker B, reads the missed events back from Redis (one `XRANGE`, whose "
+            "reply redis-py parses "
             + ("with hiredis" if v.get("hiredis") else "in pure Python: hiredis is not installed")
-            + "), and a resume on worker B finds them not yet in Redis and gets them through the relay from A.\n"
+            + "); worker B then relays the live events from A.\n"
         )
 
     takeover = redis.get("takeover")
@@ -1375,10 +1376,10 @@ def _redis_markdown(results: dict[str, Any], plots: list[str]) -> str:
             f"notification every {takeover['interval_s'] * 1000:g} ms; after {plan.get('takeover_warm_events', 20)} "
             "notifications the suite reads the lease's remaining time from Redis (`PTTL`), then SIGKILLs A by its "
             "PID. The client reads A's stream to its end, then at once (ignoring the `retry:` hint a real client "
-            "waits for) resumes on worker B with the last id it saw. B answers with the endpoint event and what "
-            "Redis holds after that id straight away, finds nobody listening on A's channel, waits for A's lease "
-            "to run out, takes the session over (a fresh server fed the stored handshake) and answers the "
-            "interrupted `tools/call` with a JSON-RPC error (code "
+            "waits for) resumes on worker B with the last id it saw. B sends the response head at once, finds "
+            "nobody listening on A's channel, waits for A's lease to run out, takes the session over (a fresh "
+            "server fed the stored handshake), then sends the endpoint event, what Redis holds after that id, and "
+            "the answer to the interrupted `tools/call`, a JSON-RPC error (code "
             f"{', '.join(takeover['interrupted_codes'])}): that error is where the stream goes on. Then a ping "
             "through B checks the session is served there. Times are from the SIGKILL.\n"
         )
