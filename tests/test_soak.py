@@ -8,12 +8,17 @@ import asyncio
 import os
 import random
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import anyio
 import httpx2
 import pytest
 from mcp.client.client import Client
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 
 from mcp_sse_transport import ErrorCode, SseConfig, sse_app
@@ -27,6 +32,50 @@ from .test_integration import OPEN, initialize
 pytestmark = [pytest.mark.anyio, pytest.mark.soak]
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
+
+
+@dataclass
+class Churn:
+    """What the soaks share: clients that keep calling, new sessions again and again, through a
+    proxy that keeps cutting their streams, until ``deadline``."""
+
+    proxy: CuttingProxy
+    rng: random.Random
+    counts: dict[str, int]
+    deadline: float
+
+    async def calling_client(
+        self,
+        url: str,
+        call: Callable[[Client, list[float], ProgressFnT], Awaitable[None]],
+        **options: Any,
+    ) -> None:
+        """A resuming client making one to five ``call``s per session; ``call`` gets the list its
+        progress callback fills, cleared before each call."""
+        received: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            received.append(progress)
+
+        while anyio.current_time() < self.deadline:
+            exit_stack = AsyncExitStack()
+            try:
+                client = await exit_stack.enter_async_context(
+                    Client(resumable_sse_client(url, **options), mode="legacy")
+                )
+            except httpx2.HTTPError:  # cut while connecting: the client reports it, as it should
+                self.counts["failed connects"] += 1
+                continue
+            async with exit_stack:
+                for _ in range(self.rng.randint(1, 5)):
+                    received.clear()
+                    await call(client, received, on_progress)
+
+    async def cutter(self) -> None:
+        while anyio.current_time() < self.deadline:
+            await anyio.sleep(self.rng.uniform(0.05, 0.3))  # load generation: when to cut, not a wait
+            self.proxy.cut()
+            self.counts["cuts"] += 1
 
 
 def rss_kib() -> int:
@@ -54,35 +103,15 @@ async def test_a_minute_of_churn_leaves_memory_flat_and_nothing_behind() -> None
                             await initialize(raw, http)
                             counts["raw sessions"] += 1
 
-                async def calling_client() -> None:
-                    received: list[float] = []
+                async def call(client: Client, received: list[float], on_progress: ProgressFnT) -> None:
+                    steps = rng.randint(1, 300)
+                    await client.call_tool("stream", {"count": steps}, progress_callback=on_progress)
+                    assert received == list(range(1, steps + 1)), "exactly once, in order"
+                    counts["calls"] += 1
+                    counts["events"] += steps
 
-                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                        received.append(progress)
-
-                    while anyio.current_time() < deadline:
-                        exit_stack = AsyncExitStack()
-                        try:
-                            client = await exit_stack.enter_async_context(
-                                Client(resumable_sse_client(f"{proxied}/sse"), mode="legacy")
-                            )
-                        except httpx2.HTTPError:  # cut while connecting: the client reports it, as it should
-                            counts["failed connects"] += 1
-                            continue
-                        async with exit_stack:
-                            for _ in range(rng.randint(1, 5)):
-                                steps = rng.randint(1, 300)
-                                received.clear()
-                                await client.call_tool("stream", {"count": steps}, progress_callback=on_progress)
-                                assert received == list(range(1, steps + 1)), "exactly once, in order"
-                                counts["calls"] += 1
-                                counts["events"] += steps
-
-                async def cutter() -> None:
-                    while anyio.current_time() < deadline:
-                        await anyio.sleep(rng.uniform(0.05, 0.3))  # load generation: when to cut, not a wait
-                        proxy.cut()
-                        counts["cuts"] += 1
+                churn = Churn(proxy, rng, counts, deadline)
+                calling_client = partial(churn.calling_client, f"{proxied}/sse", call)
 
                 async def sampler() -> None:
                     while anyio.current_time() < deadline:
@@ -90,7 +119,7 @@ async def test_a_minute_of_churn_leaves_memory_flat_and_nothing_behind() -> None
                         await anyio.sleep(1)  # load generation: the sampling period
 
                 async with anyio.create_task_group() as tg:
-                    for task in (raw_churn, raw_churn, calling_client, calling_client, cutter, sampler):
+                    for task in (raw_churn, raw_churn, calling_client, calling_client, churn.cutter, sampler):
                         tg.start_soon(task)
             # Every session ends within its grace period once its clients are gone.
             for _, session in list(transport._registry.items()):
@@ -121,46 +150,27 @@ async def test_a_minute_of_churn_across_three_workers_two_of_them_killed(redis_u
             async with proxy.running() as balancer:
                 deadline = anyio.current_time() + SOAK_SECONDS
 
-                async def calling_client() -> None:
-                    received: list[float] = []
+                async def call(client: Client, received: list[float], on_progress: ProgressFnT) -> None:
+                    steps = rng.randint(1, 200)
+                    arguments = {"steps": steps, "interval": 0.001}
+                    code = None
+                    try:
+                        await client.call_tool("countdown", arguments, progress_callback=on_progress)
+                    except MCPError as error:
+                        code = error.error.code
+                    if code is None:
+                        assert received == list(range(1, steps + 1)), "exactly once, in order"
+                        counts["calls"] += 1
+                    else:
+                        assert code == ErrorCode.REQUEST_INTERRUPTED, code
+                        assert received == list(range(1, len(received) + 1)), "a gapless prefix"
+                        counts["interrupted"] += 1
+                    counts["events"] += len(received)
 
-                    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                        received.append(progress)
-
-                    while anyio.current_time() < deadline:
-                        exit_stack = AsyncExitStack()
-                        transport = resumable_sse_client(
-                            f"{balancer}/sse", httpx_client_factory=one_request_per_connection
-                        )
-                        try:
-                            client = await exit_stack.enter_async_context(Client(transport, mode="legacy"))
-                        except httpx2.HTTPError:  # cut while connecting: the client reports it, as it should
-                            counts["failed connects"] += 1
-                            continue
-                        async with exit_stack:
-                            for _ in range(rng.randint(1, 5)):
-                                steps = rng.randint(1, 200)
-                                received.clear()
-                                arguments = {"steps": steps, "interval": 0.001}
-                                code = None
-                                try:
-                                    await client.call_tool("countdown", arguments, progress_callback=on_progress)
-                                except MCPError as error:
-                                    code = error.error.code
-                                if code is None:
-                                    assert received == list(range(1, steps + 1)), "exactly once, in order"
-                                    counts["calls"] += 1
-                                else:
-                                    assert code == ErrorCode.REQUEST_INTERRUPTED, code
-                                    assert received == list(range(1, len(received) + 1)), "a gapless prefix"
-                                    counts["interrupted"] += 1
-                                counts["events"] += len(received)
-
-                async def cutter() -> None:
-                    while anyio.current_time() < deadline:
-                        await anyio.sleep(rng.uniform(0.05, 0.3))  # load generation: when to cut, not a wait
-                        proxy.cut()
-                        counts["cuts"] += 1
+                churn = Churn(proxy, rng, counts, deadline)
+                calling_client = partial(
+                    churn.calling_client, f"{balancer}/sse", call, httpx_client_factory=one_request_per_connection
+                )
 
                 async def killer() -> None:
                     for _ in range(2):
@@ -171,7 +181,7 @@ async def test_a_minute_of_churn_across_three_workers_two_of_them_killed(redis_u
                         counts["kills"] += 1
 
                 async with anyio.create_task_group() as tg:
-                    for task in (calling_client, calling_client, cutter, killer):
+                    for task in (calling_client, calling_client, churn.cutter, killer):
                         tg.start_soon(task)
     print(f"\ncluster soak: {counts}")
     assert counts["kills"] == 2 and counts["cuts"] > 0 and counts["calls"] > 0
