@@ -85,6 +85,10 @@ async def resumable_sse_client(
         headers=headers, auth=auth, timeout=httpx2.Timeout(timeout, read=sse_read_timeout)
     ) as client:
 
+        def backoff(failures: int) -> float:
+            """The wait before another try: the server's ``retry:``, doubled per failure after the first."""
+            return min(max_delay, state.retry * 2.0 ** max(0, failures - 1))
+
         async def fail_pending(error: types.ErrorData) -> None:
             for request_id in sorted(state.pending, key=str):
                 with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -148,7 +152,7 @@ async def resumable_sse_client(
                     if failures > max_reconnects:
                         await fail_pending(types.ErrorData(code=types.CONNECTION_CLOSED, message="Connection closed"))
                         return
-                    await anyio.sleep(min(max_delay, state.retry * 2 ** max(0, failures - 1)))
+                    await anyio.sleep(backoff(failures))
             finally:
                 read_writer.close()
 
@@ -169,7 +173,7 @@ async def resumable_sse_client(
             unknown = False  # an attempt may have arrived
             for attempt in range(max_reconnects + 1):
                 if attempt:
-                    await anyio.sleep(min(max_delay, state.retry * 2 ** (attempt - 1)))
+                    await anyio.sleep(backoff(attempt))
                 try:
                     response = await request_within_origin(
                         client,

@@ -201,9 +201,10 @@ class SessionHandler:
         self._id_prefix = format_event_id(session_id, "").encode()
         self._queue: list[tuple[bytes, int]] = []
         self._deferred: list[tuple[str | None, bytes]] | None = None if self._append_nowait is not None else []
-        """Events sent and not yet stored, with a store that cannot store at once (Redis): the
-        writer stores all of them in one call before writing them, so producers never wait for
-        the store's round trips. ``None`` with a store that can (the in-memory one)."""
+        """Events sent and not yet stored, with a store that cannot store at once (Redis): while a
+        connection is attached, its writer stores all of them in one call before writing them, so
+        producers do not wait for the store's round trips. ``None`` with a store that can (the
+        in-memory one)."""
         self._storing: anyio.Lock | None = None
         self._last_token = last_token
         self._final: bytes | None = None

@@ -754,11 +754,9 @@ class SseServerTransport:
         answered. ``None`` if another worker holds the lease."""
         cluster, server = self._cluster, self._server
         assert cluster is not None and server is not None
-        while (adopting := self._adopting.get(session_id)) is not None:  # another request takes it over
-            await adopting.wait()
-        if (session := self._registry.get(session_id)) is not None:
+        if (session := await self._local(session_id)) is not None:
             return session
-        done = self._adopting[session_id] = anyio.Event()
+        done = self._adopting[session_id] = anyio.Event()  # no await since _local: nobody else is
         try:
             if not await cluster.acquire(session_id):
                 return None
@@ -835,8 +833,9 @@ class SseServerTransport:
                 await self._forget(session)
 
     async def _local(self, session_id: str) -> _Session | None:
-        """This worker's session, once any takeover of it in progress here has finished."""
-        if (adopting := self._adopting.get(session_id)) is not None:
+        """This worker's session, once no takeover of it is in progress here (one that failed
+        may be followed by another request's: wait for that one too)."""
+        while (adopting := self._adopting.get(session_id)) is not None:
             await adopting.wait()
         return self._registry.get(session_id)
 
