@@ -1,7 +1,10 @@
-"""Call the example server's tools with the SDK client: ``python -m examples.client [URL] [--stock]``.
+"""Call the example server's tools with the SDK client:
+``python -m examples.client [--host H] [--port P] [--stock]``, or ``python -m examples.client URL``.
 
-By default the client transport is this library's resuming one; ``--stock`` uses the SDK's own
-``sse_client``, which works against the server unchanged.
+``--host`` and ``--port`` are the server's own (``python -m examples.server --port P``); a URL names
+the SSE endpoint itself (default ``http://127.0.0.1:8000/sse``). By default the client transport is
+this library's resuming one; ``--stock`` uses the SDK's own ``sse_client``, which works against the
+server unchanged.
 """
 
 from __future__ import annotations
@@ -31,13 +34,27 @@ async def main(url: str, stock: bool) -> None:
         result = await client.call_tool("countdown", {"steps": 3}, progress_callback=on_progress)
         print("countdown:", [c.text for c in result.content if isinstance(c, TextContent)])
 
-        result = await client.call_tool("fail", {})
-        print("fail: is_error =", result.is_error)
+        result = await client.call_tool("fail", {})  # a tool error, on purpose
+        print("fail: is_error =", result.is_error, [c.text for c in result.content if isinstance(c, TextContent)])
+
+
+def _url(argv: list[str] | None) -> tuple[str, bool]:
+    """The SSE endpoint's URL and ``--stock``, from the command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url", nargs="?", help="the SSE endpoint (default: http://HOST:PORT/sse)")
+    parser.add_argument("--host", help="the server's host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="the server's port (default 8000)")
+    parser.add_argument("--stock", action="store_true", help="use the SDK's sse_client")
+    args = parser.parse_args(argv)
+    if args.url is not None:
+        if args.host is not None or args.port is not None:
+            parser.error("give either a URL or --host/--port, not both")
+        return args.url, args.stock
+    host = args.host or "127.0.0.1"
+    if ":" in host and not host.startswith("["):  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{args.port or 8000}/sse", args.stock
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("url", nargs="?", default="http://127.0.0.1:8000/sse")
-    parser.add_argument("--stock", action="store_true", help="use the SDK's sse_client")
-    args = parser.parse_args()
-    anyio.run(main, args.url, args.stock)
+    anyio.run(main, *_url(None))

@@ -5,8 +5,10 @@ ports, behind any load balancer: they share sessions through Redis (the README's
 section).
 
 Tools: ``echo`` returns its text, ``countdown`` streams progress notifications then returns,
-``fail`` raises, so a client sees a tool error. GET ``/sse`` opens a session; ``/`` is a page whose
-browser ``EventSource`` talks to the tools and resumes after a dropped connection.
+``fail`` raises a ``ToolError``, so a client sees a tool error (the server logs it as one INFO
+line, as the SDK does for a failure a tool anticipated; a crash would log its traceback). GET
+``/sse`` opens a session; ``/`` is a page whose browser ``EventSource`` talks to the tools and
+resumes after a dropped connection.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse
@@ -52,9 +55,11 @@ async def countdown(steps: int, ctx: Context, interval: float = 0.0) -> str:
 
 
 @mcp.tool()
-def fail(reason: str = "this tool always fails") -> str:
-    """Raise, so the client gets a tool error."""
-    raise RuntimeError(reason)
+def fail(reason: str = "this demo tool always fails, as expected") -> str:
+    """Fail on purpose, so the client gets a tool error (``is_error``) with ``reason``."""
+    # A ToolError is a failure the tool saw coming: the caller gets its message, and the server
+    # logs one line without a traceback. Any other exception is a crash, logged with its traceback.
+    raise ToolError(reason)
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ from .config import SlowConsumerPolicy, SseConfig
 from .errors import (
     ConnectionLostError,
     ErrorCode,
+    EventTooLargeError,
     GrantError,
     SessionClosedError,
     SessionExpiredError,
@@ -17,7 +18,7 @@ from .errors import (
 from .events import encode_comment, encode_error, encode_event
 from .flow import CreditLedger, Grant, GrantState
 from .handler import Attachment, SessionHandler, SessionState, SessionStatistics
-from .ids import format_event_id, parse_event_id
+from .ids import EventId, format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
 from .serving import H11Protocol, run, sse_app, uvicorn_server
 from .store import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay, StoredEvent
@@ -29,7 +30,9 @@ __all__ = [
     "ConnectionLostError",
     "CreditLedger",
     "ErrorCode",
+    "EventId",
     "EventStore",
+    "EventTooLargeError",
     "Grant",
     "GrantError",
     "GrantState",

@@ -11,8 +11,11 @@ from starlette.types import Receive, Scope, Send
 from .handler import Attachment, Closed, SessionHandler, Sink
 
 ABORT_EXTENSION: Final = "mcp_sse_transport.abort"
-"""Scope extension under which a server offers ``{"abort": callable}`` to drop a connection at
-once (unflushed bytes discarded); :mod:`mcp_sse_transport.serving` installs it for uvicorn."""
+"""Scope extension under which a server offers ``{"abort": callable}``: ``abort()`` drops the
+connection at once, unflushed bytes discarded, and resets it (RST, the kernel's buffers freed)
+when bytes are still queued that the peer did not take. It may also offer
+``"set_send_buffer"``, a callable taking the bytes of the socket's kernel send buffer
+(``SO_SNDBUF``). :mod:`mcp_sse_transport.serving` installs both for uvicorn."""
 
 SSE_HEADERS: Final = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -22,9 +25,10 @@ SSE_HEADERS: Final = [
 ]
 
 
-def _aborter(scope: Scope) -> Callable[[], object] | None:
+def _offered(scope: Scope, name: str) -> Callable[..., object] | None:
+    """The server's callable ``name`` of :data:`ABORT_EXTENSION`, if it offers one."""
     extension = scope.get("extensions", {}).get(ABORT_EXTENSION)
-    return extension.get("abort") if isinstance(extension, dict) else None
+    return extension.get(name) if isinstance(extension, dict) else None
 
 
 def disconnected(receive: Receive) -> Closed:
@@ -37,8 +41,12 @@ def disconnected(receive: Receive) -> Closed:
     return wait
 
 
-async def open_stream(send: Send) -> Sink:
-    """Send the event stream's response head; returns the sink that writes body chunks."""
+async def open_stream(send: Send, scope: Scope | None = None, send_buffer: int | None = None) -> Sink:
+    """Send the event stream's response head; returns the sink that writes body chunks. First
+    the socket's kernel send buffer is capped at ``send_buffer`` bytes (``SseConfig``'s
+    ``socket_send_buffer``), where the server offers that in ``scope``."""
+    if scope is not None and send_buffer is not None and (cap := _offered(scope, "set_send_buffer")) is not None:
+        cap(send_buffer)
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
 
     async def sink(chunk: bytes) -> None:
@@ -49,8 +57,9 @@ async def open_stream(send: Send) -> Sink:
 
 async def end_stream(scope: Scope, send: Send, graceful: bool, within: float) -> None:
     """Close the body with its terminating chunk; first drop the connection (aborted where the
-    server offers that) unless the end is ``graceful``, so a stuck client cannot hold it open."""
-    if not graceful and (abort := _aborter(scope)) is not None:
+    server offers that, and reset if the client left bytes unread) unless the end is
+    ``graceful``, so a stuck client cannot hold it open."""
+    if not graceful and (abort := _offered(scope, "abort")) is not None:
         abort()
     with anyio.move_on_after(within):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -76,7 +85,7 @@ async def stream_session(
     """
     claim = handler.claim(arrived) if attachment is None else None  # the last resume to arrive wins
     if sink is None:
-        sink = await open_stream(send)
+        sink = await open_stream(send, scope, handler.config.socket_send_buffer)
     if claim is not None:
         attachment = await handler.attach_latest(claim)
         if attachment is None:  # a later resume of the session got there first

@@ -73,6 +73,8 @@ class DirectoryEntry:
     """The worker holding the lease, ``None`` once it ran out."""
     fingerprint: str
     """Of the credential that opened the session (empty when anonymous)."""
+    secret: str
+    """The session's resume secret, which every event id carries."""
     handshake: tuple[bytes, ...]
     """The ``initialize`` request and the ``initialized`` notification as POSTed, those seen so far."""
 
@@ -325,13 +327,13 @@ class Cluster:
 
     # -- the directory -------------------------------------------------------------------------
 
-    async def register(self, session_id: str, fingerprint: str) -> None:
+    async def register(self, session_id: str, fingerprint: str, secret: str) -> None:
         """Enter a new session with this worker as its owner."""
         keep_ms = round(self.config.replay_max_age * 1000)
         async with _redis_errors("registering", session_id):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.set(self._key(session_id, "owner"), self.worker_id, px=round(self.config.owner_lease * 1000))
-                pipe.hset(self._key(session_id, "meta"), "fp", fingerprint)
+                pipe.hset(self._key(session_id, "meta"), mapping={"fp": fingerprint, "rs": secret})
                 pipe.pexpire(self._key(session_id, "meta"), keep_ms)
                 await pipe.execute()
         self._owned.add(session_id)
@@ -346,7 +348,9 @@ class Cluster:
         if not meta:
             return None
         handshake = tuple(meta[field] for field in (b"init", b"initialized") if field in meta)
-        return DirectoryEntry(owner.decode() if owner else None, meta[b"fp"].decode(), handshake)
+        if b"rs" not in meta:  # entered by an older version, whose event ids carry no secret
+            return None
+        return DirectoryEntry(owner.decode() if owner else None, meta[b"fp"].decode(), meta[b"rs"].decode(), handshake)
 
     async def acquire(self, session_id: str) -> bool:
         """Take the lease of a session whose owner's ran out; False if another worker was first."""

@@ -22,6 +22,18 @@ class SseConfig:
     """Payload bytes a session may hold unsent (4 MiB, the SDK's request body limit). One event
     larger than this is still granted when the buffer is empty, so no message is unsendable."""
 
+    max_event_bytes: int = 4 * 1024 * 1024
+    """The largest event a session sends, in payload bytes: the SDK's request body limit, so a
+    message may be as large as the largest request. Must fit the replay log
+    (``replay_max_bytes``); a larger outbound message is refused with ``MESSAGE_TOO_LARGE``
+    (a response is replaced by a JSON-RPC error), since it could never be replayed."""
+
+    max_request_id_bytes: int = 256
+    """The longest request id accepted, as JSON. The SDKs send integers, other clients UUIDs (38
+    bytes); a DNS name is at most 253. A POST with a longer id gets 400 and a JSON-RPC error
+    (``INVALID_REQUEST``), and the id is never remembered: the memory of request ids a session
+    keeps (10,000, to run a request POSTed twice once) is bounded in bytes by this."""
+
     grant_timeout: float = 10.0
     """Seconds a producer may wait for room before the session is ended as a slow consumer.
     Mercure gives a subscriber 5 s per update; a response may queue behind others, so twice that."""
@@ -51,11 +63,13 @@ class SseConfig:
     stay within the buffer limits. ``0`` ends a session with its connection, as stock does."""
 
     replay_max_events: int = 2000
-    """Events the in-memory replay log keeps per session: the buffer's worth, and as much again
-    for events that were written but never reached a client whose connection dropped."""
+    """Events the replay log keeps per session: the buffer's worth, and as much again for events
+    that were written but never reached a client whose connection dropped. At least
+    ``max_buffered_events``: a smaller log would turn buffered events into a gap on resume."""
 
     replay_max_bytes: int = 8 * 1024 * 1024
-    """Payload bytes the in-memory replay log keeps per session: twice the buffer's limit."""
+    """Payload bytes the in-memory replay log keeps per session: twice the buffer's limit. At
+    least ``max_buffered_bytes`` and ``max_event_bytes``, for the same reason."""
 
     replay_max_age: float = 300.0
     """Seconds the in-memory replay log keeps an event: ten times the grace period."""
@@ -64,6 +78,14 @@ class SseConfig:
     """Sessions open at once, detached ones included; a GET that would open one more gets 503
     "Too many open sessions" (with ``Retry-After``) and no open session is touched. The SDK's
     Streamable HTTP manager caps at the same 10,000. ``None``: no cap."""
+
+    socket_send_buffer: int | None = 256 * 1024
+    """Bytes of the kernel's send buffer (``SO_SNDBUF``) of an event stream's socket, set when
+    the stream opens (never on a POST's); ``None`` leaves the kernel's autotuning. What a stalled
+    client has in flight is the buffer plus this: Linux starts a socket at 16 KiB
+    (``net.ipv4.tcp_wmem``) and autotunes it up to 4 MiB, that much again per stuck client; its
+    ``net.core.wmem_default`` is 208 KiB, and nginx caps it with ``listen ... sndbuf=``. Linux
+    doubles the value set (for its bookkeeping), within ``net.core.wmem_max``."""
 
     redis_url: str | None = None
     """Turns on scale-out: ``redis://host:port/db`` (or ``rediss://``, ``unix://``) of the Redis
@@ -84,7 +106,14 @@ class SseConfig:
     so the client sees our 503, not its own timeout."""
 
     def __post_init__(self) -> None:
-        for name in ("max_buffered_events", "max_buffered_bytes", "replay_max_events", "replay_max_bytes"):
+        for name in (
+            "max_buffered_events",
+            "max_buffered_bytes",
+            "max_event_bytes",
+            "max_request_id_bytes",
+            "replay_max_events",
+            "replay_max_bytes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -104,10 +133,20 @@ class SseConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
-        if self.max_sessions is not None and (
-            not isinstance(self.max_sessions, int) or isinstance(self.max_sessions, bool) or self.max_sessions < 1
+        for log, least in (
+            ("replay_max_events", "max_buffered_events"),
+            ("replay_max_bytes", "max_buffered_bytes"),
+            ("replay_max_bytes", "max_event_bytes"),
         ):
-            raise ValueError(f"max_sessions must be a positive integer or None, got {self.max_sessions!r}")
+            if getattr(self, log) < getattr(self, least):
+                raise ValueError(
+                    f"{log} ({getattr(self, log)}) must be at least {least} ({getattr(self, least)}): "
+                    "the replay log must keep what the buffer holds"
+                )
+        for name in ("max_sessions", "socket_send_buffer"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.redis_url is not None and (not isinstance(self.redis_url, str) or "://" not in self.redis_url):
             raise ValueError(f"redis_url must be a URL such as redis://127.0.0.1:6379/0, got {self.redis_url!r}")
         if not isinstance(self.redis_prefix, str) or not self.redis_prefix:

@@ -9,6 +9,7 @@ import anyio
 __all__ = [
     "ConnectionLostError",
     "ErrorCode",
+    "EventTooLargeError",
     "GrantError",
     "SessionClosedError",
     "SessionExpiredError",
@@ -48,6 +49,9 @@ class ErrorCode(IntEnum):
     took the session over: the request may or may not have taken effect."""
     STORE_UNAVAILABLE = -32056
     """The event store (Redis) failed, so the event could not be kept for replay: the session ends."""
+    MESSAGE_TOO_LARGE = -32057
+    """An outbound message is larger than ``max_event_bytes`` (the replay log could not keep it):
+    it is not sent; a response it replaced gets this code too. The session goes on."""
 
 
 class SlowConsumerError(anyio.BrokenResourceError):
@@ -72,6 +76,16 @@ class SessionClosedError(anyio.ClosedResourceError):
 
 class StoreUnavailableError(anyio.BrokenResourceError):
     """The session ended because its event store failed: an event could not be kept for replay."""
+
+
+class EventTooLargeError(ValueError):
+    """An event is larger than ``max_event_bytes``: refused before it is granted, the session
+    going on (granted, it could not be kept for replay)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"an event of {size} bytes is over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
 
 
 class GrantError(RuntimeError):

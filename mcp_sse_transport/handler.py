@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -22,6 +22,7 @@ from .config import SseConfig
 from .errors import (
     ConnectionLostError,
     ErrorCode,
+    EventTooLargeError,
     SessionClosedError,
     SessionExpiredError,
     SlowConsumerError,
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .events import HEARTBEAT, encode_error, encode_event, encode_message
 from .flow import CreditLedger, Grant
-from .ids import format_event_id
+from .ids import event_id_prefix, new_secret
 from .store import EventStore, InMemoryEventStore, Replay
 
 __all__ = [
@@ -55,6 +56,8 @@ _WRITE_CHUNK = 64 * 1024
 """Events ready together are joined into writes of about this many bytes: larger joins cost
 more in copying than they save in sends."""
 _YIELD_INTERVAL = 0.001
+REPLAY_PAGE = 128
+"""Events read from the store per call while replaying."""
 
 
 def session_tag(session_id: str) -> str:
@@ -62,22 +65,43 @@ def session_tag(session_id: str) -> str:
     return session_id[:8]
 
 
-def replay_chunks(session_id: str, replay: Replay) -> Iterator[tuple[bytes, int]]:
-    """A replay as writes of about ``_WRITE_CHUNK`` bytes, each with its number of events; a gap
-    comes first, as a ``RESUME_GAP`` error event."""
-    chunk: list[bytes] = []
-    if replay.gap:
-        chunk.append(encode_error(ErrorCode.RESUME_GAP, "Events after Last-Event-ID are no longer available"))
-    size = 0
-    for stored in replay.events:
-        encoded = encode_event(stored.data, event=stored.event, id=format_event_id(session_id, stored.token))
-        chunk.append(encoded)
-        size += len(encoded)
-        if size >= _WRITE_CHUNK:
-            yield b"".join(chunk), len(chunk)
-            chunk, size = [], 0
-    if chunk:
-        yield b"".join(chunk), len(chunk)
+async def replay_chunks(
+    store: EventStore, session_id: str, id_prefix: str, after: str, until: str | None = None
+) -> AsyncIterator[tuple[bytes, int, str]]:
+    """The stored events after the token ``after`` up to ``until`` (``None``: the newest), as
+    writes of about ``_WRITE_CHUNK`` bytes, each with its number of events and its last token.
+    Read from the store :data:`REPLAY_PAGE` events at a time, so a long replay is never held
+    whole. A gap (events trimmed, or the log lost since the resume was accepted) comes first, as
+    a ``RESUME_GAP`` error event. Raises :class:`StoreError`."""
+    prefix = id_prefix.encode()
+    cursor = after
+    while True:
+        replay = await store.replay(session_id, cursor, until, limit=REPLAY_PAGE)
+        if replay is None:
+            replay = Replay([], gap=True)
+        chunk: list[bytes] = []
+        if replay.gap:
+            logger.info("session %s: resumed past trimmed events", session_tag(session_id))
+            chunk.append(encode_error(ErrorCode.RESUME_GAP, "Events after Last-Event-ID are no longer available"))
+        size = 0
+        for stored in replay.events:
+            encoded = _encode_stored(stored.data, stored.event, prefix, stored.token)
+            chunk.append(encoded)
+            size += len(encoded)
+            cursor = stored.token
+            if size >= _WRITE_CHUNK:
+                yield b"".join(chunk), len(chunk), cursor
+                chunk, size = [], 0
+        if chunk:
+            yield b"".join(chunk), len(chunk), cursor
+        if len(replay.events) < REPLAY_PAGE or cursor == until:
+            return
+
+
+def _encode_stored(data: bytes, event: str | None, id_prefix: bytes, token: str) -> bytes:
+    if event == "message":
+        return encode_message(data, id_prefix, token)
+    return encode_event(data, event=event, id=(id_prefix + token.encode()).decode())
 
 
 class SessionState(Enum):
@@ -173,6 +197,7 @@ class SessionHandler:
         "_ledger",
         "_newest",
         "_queue",
+        "_secret",
         "_state",
         "_store",
         "_storing",
@@ -188,17 +213,20 @@ class SessionHandler:
         store: EventStore | None = None,
         *,
         last_token: str | None = None,
+        secret: str | None = None,
     ) -> None:
         """``last_token`` continues a session whose log already holds events (a session another
-        worker took over): a resume replays the store's events up to it."""
+        worker took over): a resume replays the store's events up to it. ``secret`` is the
+        session's resume secret, part of every event id (default: a new one)."""
         self.session_id = session_id
+        self._secret = secret or new_secret()
         self.config = config or SseConfig()
         self._store = store if store is not None else InMemoryEventStore()
         self._ledger = CreditLedger(self.config.max_buffered_events, self.config.max_buffered_bytes)
         self._append_nowait: Callable[[str, str | None, bytes], str] | None = getattr(
             self._store, "append_nowait", None
         )
-        self._id_prefix = format_event_id(session_id, "").encode()
+        self._id_prefix = event_id_prefix(session_id, self._secret).encode()
         self._queue: list[tuple[bytes, int]] = []
         self._deferred: list[tuple[str | None, bytes]] | None = None if self._append_nowait is not None else []
         """Events sent and not yet stored, with a store that cannot store at once (Redis): while a
@@ -233,12 +261,22 @@ class SessionHandler:
         return session_tag(self.session_id)
 
     @property
+    def secret(self) -> str:
+        """The resume secret in every event id: a capability to read the stream, never logged."""
+        return self._secret
+
+    @property
     def state(self) -> SessionState:
         return self._state
 
     @property
     def attached(self) -> bool:
         return self._connection is not None
+
+    @property
+    def claimed(self) -> bool:
+        """Whether a resume ever claimed the session (:meth:`claim`), here or on another worker."""
+        return self._claims > 0
 
     @property
     def failed(self) -> bool:
@@ -277,10 +315,15 @@ class SessionHandler:
         """Wait for room for one event of ``size`` payload bytes, in FIFO order with other producers.
 
         Raises :class:`SlowConsumerError` if no room frees up within ``grant_timeout`` (or at once
-        under the ``"disconnect"`` policy), which also ends the session. Cancellable.
+        under the ``"disconnect"`` policy), which also ends the session; :class:`EventTooLargeError`
+        at once, the session going on, for more than ``max_event_bytes``. Cancellable.
         """
         if self._state is not SessionState.OPEN:
+            # A checkpoint, as anyio's streams take one: a producer looping on sends that fail
+            # (the SDK swallows failed notifications) must still yield, and be cancellable.
+            await anyio.lowlevel.checkpoint()
             raise self._error()
+        self._check_size(size)
         grant = self._ledger.request(size)
         if grant.granted:
             return grant
@@ -303,6 +346,11 @@ class SessionHandler:
         if not grant.granted:  # woken because the session ended
             raise self._error()
         return grant
+
+    def _check_size(self, size: int) -> None:
+        """Refuse an event the replay log could not keep: granted, it could never be replayed."""
+        if size > self.config.max_event_bytes:
+            raise EventTooLargeError(size, self.config.max_event_bytes)
 
     async def send_event(self, grant: Grant, data: bytes | str, *, event: str | None = "message") -> None:
         """Spend ``grant`` on one event: it is stored for replay, then written as soon as the
@@ -373,11 +421,7 @@ class SessionHandler:
 
     def _enqueue(self, data: bytes, event: str | None, token: str) -> None:
         self._last_token = token
-        if event == "message":
-            encoded = encode_message(data, self._id_prefix, token)
-        else:
-            encoded = encode_event(data, event=event, id=format_event_id(self.session_id, token))
-        self._queue.append((encoded, len(data)))
+        self._queue.append((_encode_stored(data, event, self._id_prefix, token), len(data)))
         self._wake()
 
     async def send(self, data: bytes | str, *, event: str | None = "message") -> None:
@@ -389,6 +433,7 @@ class SessionHandler:
         """
         if isinstance(data, str):
             data = data.encode()
+        self._check_size(len(data))
         if self._state is SessionState.OPEN and self._ledger.take(len(data)):
             if self._accept(data, event):
                 await self.flush()  # detached: stored now, so it survives this process
@@ -454,6 +499,11 @@ class SessionHandler:
                 await changed.wait()
             if self._connection is None and not self.ended and not changed.is_set():
                 self._fail(SessionExpiredError, f"no resume within {self.config.session_grace:g} s")
+
+    async def detached(self) -> None:
+        """Return once no connection is attached (at once if none is), or the session has ended."""
+        while self._connection is not None and not self.ended:
+            await self._change().wait()
 
     # -- ending ------------------------------------------------------------------------------
 
@@ -612,18 +662,15 @@ class SessionHandler:
         if cut is None:
             return True
         try:
-            replay = await self._store.replay(self.session_id, after, cut)
+            async for chunk, events, _ in replay_chunks(
+                self._store, self.session_id, self._id_prefix.decode(), after, cut
+            ):
+                if not await self._write(sink, connection, chunk):
+                    return False
+                self._events_sent += events
         except StoreError as exc:
             logger.warning("session %s: could not replay (%s); dropping the connection", self.tag, exc)
             return False
-        if replay is None:  # the store lost the session's log since the resume was accepted
-            replay = Replay([], gap=True)
-        if replay.gap:
-            logger.info("session %s: resumed past trimmed events", self.tag)
-        for chunk, events in replay_chunks(self.session_id, replay):
-            if not await self._write(sink, connection, chunk):
-                return False
-            self._events_sent += events
         return True
 
     async def _pump(self, sink: Sink, connection: Attachment, closed: Closed | None) -> None:

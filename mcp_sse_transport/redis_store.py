@@ -224,9 +224,12 @@ class RedisEventStore:
             self._fail("append", entry.session_id, entry.failure or RuntimeError("append was not sent"))
         return entry.token
 
-    async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
-        """Events with ids after ``after`` up to and including ``until``, age-trimmed first; one
-        ``MULTI`` round trip, so the gap flag and the events agree.
+    async def replay(
+        self, session_id: str, after: str, until: str | None = None, *, limit: int | None = None
+    ) -> Replay | None:
+        """Events with ids after ``after`` up to and including ``until``, at most ``limit`` of
+        them (``XRANGE ... COUNT``), age-trimmed first; one ``MULTI`` round trip, so the gap flag
+        and the events agree.
 
         ``None`` when the stream does not exist (unless ``after`` is :data:`BEFORE_FIRST`), or
         ``after`` is malformed or newer than any id this stream generated. ``ValueError`` for a
@@ -251,7 +254,7 @@ class RedisEventStore:
                 pipe.exists(key)
                 pipe.xtrim(key, minid=self._min_id(), approximate=False)
                 pipe.xinfo_stream(key)
-                pipe.xrange(key, min=start, max=end)
+                pipe.xrange(key, min=start, max=end, count=limit)
                 exists, trimmed, info, entries = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self._fail("replay", session_id, exc)

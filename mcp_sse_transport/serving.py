@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import struct
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, cast
 
 import anyio
@@ -143,8 +144,13 @@ def sse_app(
     return app
 
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""``SO_LINGER`` on with a zero timeout: ``close`` sends RST and frees the socket's buffers."""
+
+
 class H11Protocol(_UvicornH11Protocol):
-    """uvicorn's h11 protocol, offering the transport a way to drop a stuck connection at once.
+    """uvicorn's h11 protocol, offering the transport (through ``ABORT_EXTENSION``) a way to drop
+    a stuck connection at once, and to cap an event stream's kernel send buffer.
 
     Without it a session cut loose still frees its tasks and buffers, but uvicorn keeps the
     socket until the client reads what is queued. ``uvicorn --http
@@ -155,14 +161,41 @@ class H11Protocol(_UvicornH11Protocol):
         super().handle_events()
         if self.cycle is not None:
             scope = cast(dict[str, Any], self.cycle.scope)
-            scope.setdefault("extensions", {})[ABORT_EXTENSION] = {"abort": self.transport.abort}
+            scope.setdefault("extensions", {})[ABORT_EXTENSION] = {
+                "abort": self._abort,
+                "set_send_buffer": self._set_send_buffer,
+            }
+
+    def _abort(self) -> None:
+        """Drop the connection at once, discarding what uvicorn still holds. If it holds anything,
+        the kernel's send buffer is full: the client stopped reading, and a plain close would
+        leave the kernel trickling that buffer to it from FIN-WAIT-1 while the client never sees
+        its stream end. Then the connection is reset instead (nginx's
+        ``reset_timedout_connection``): the kernel frees its buffers, the client gets
+        ``ECONNRESET``. A connection with nothing left in uvicorn is closed, so what the kernel
+        already took (a final error event, say) still arrives."""
+        if self.transport.get_write_buffer_size() > 0:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with suppress(OSError):  # already closed: abort has nothing left to reset
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.transport.abort()
+
+    def _set_send_buffer(self, size: int) -> None:
+        """Cap the socket's kernel send buffer (``SO_SNDBUF``) at ``size`` bytes, which also turns
+        off the kernel's autotuning of it (Linux doubles the value, for its bookkeeping)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with suppress(OSError):  # closed meanwhile: nothing to cap
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 class _RedactSessionIds(logging.Filter):
-    """Cut session ids in uvicorn's access log to their first 8 characters: an id is a bearer
-    capability, and the POST endpoint carries it in the query string."""
+    """Cut session ids and event ids in uvicorn's access log to their first 8 characters: both
+    are bearer capabilities, and the POST endpoint carries the one, a browser's first resume
+    (``last_event_id=``) the other, with its resume secret, in the query string."""
 
-    _SESSION_ID = re.compile(r"(session_id=[0-9a-fA-F]{8})[0-9a-fA-F-]+")
+    _SESSION_ID = re.compile(r"((?:session_id|last_event_id)=[0-9a-fA-F]{8})[^&\s\"]+")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):

@@ -54,8 +54,11 @@ class EventStore(Protocol):
         """Keep one event; returns its token. Applies the store's retention limits."""
         ...
 
-    async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
-        """Events after ``after`` up to and including ``until`` (``None``: the newest).
+    async def replay(
+        self, session_id: str, after: str, until: str | None = None, *, limit: int | None = None
+    ) -> Replay | None:
+        """Events after ``after`` up to and including ``until`` (``None``: the newest), at most
+        ``limit`` of them (the oldest first; ``None``: all), so a replay can be read in pieces.
 
         ``None`` when the session is unknown or expired, or ``after`` is neither a token this
         store issued for it nor :data:`BEFORE_FIRST`.
@@ -131,7 +134,9 @@ class InMemoryEventStore:
         self._trim(log, now)
         return str(seq)
 
-    async def replay(self, session_id: str, after: str, until: str | None = None) -> Replay | None:
+    async def replay(
+        self, session_id: str, after: str, until: str | None = None, *, limit: int | None = None
+    ) -> Replay | None:
         log = self._logs.get(session_id)
         if log is None and after == BEFORE_FIRST:
             return Replay([], gap=False)
@@ -145,6 +150,8 @@ class InMemoryEventStore:
         self._trim(log, self._clock())
         first = log.entries[0][0] if log.entries else log.next_seq
         start, stop = max(0, after_seq + 1 - first), max(0, until_seq + 1 - first)
+        if limit is not None:
+            stop = min(stop, start + limit)
         events = [StoredEvent(str(seq), event, data) for seq, _, event, data in islice(log.entries, start, stop)]
         return Replay(events, gap=after_seq + 1 < first)
 

@@ -32,19 +32,21 @@ from mcp.server.transport_security import (
 from mcp.shared._context_streams import ContextSendStream, create_context_streams
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import ValidationError
+from starlette.authentication import BaseUser
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ._asgi import SSE_HEADERS, disconnected, end_stream, open_stream, stream_session
 from .config import SseConfig
-from .errors import ErrorCode, StoreError
+from .errors import ErrorCode, EventTooLargeError, StoreError
 from .events import encode_error, encode_event, error_body
 from .handler import SessionHandler, Sink, replay_chunks, session_tag
-from .ids import SEEN_REQUEST_IDS, format_event_id, parse_event_id
+from .ids import SEEN_REQUEST_IDS, EventId, event_id_prefix, format_event_id, parse_event_id, secret_matches
 from .registry import RegistryStatistics, SessionRegistry
-from .store import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay
+from .store import BEFORE_FIRST, EventStore, InMemoryEventStore
 
 if TYPE_CHECKING:
     from .cluster import Cluster, DirectoryEntry, Relay
@@ -74,6 +76,50 @@ class _Session:
     seen: _SeenIds | None = None
     """Request ids already accepted, from the first request on (without Redis: Redis keeps them
     across workers)."""
+    exchanged: bool = False
+    """A message went either way: a POST reached the session, or its server sent one. Until then
+    the session is a probe, with nothing to resume: it ends with its connection instead of
+    waiting ``session_grace``."""
+    restore: _Restore | None = None
+    """A handshake to replay before the first message, unless that message is ``initialize``."""
+
+
+class _Restore:
+    """The handshake of a client that reconnected initialized (it sent ``MCP-Protocol-Version``)
+    but could not resume: replayed to the new session's server before the client's first message,
+    so its calls work without an ``initialize`` of its own."""
+
+    __slots__ = ("lock", "version")
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.lock = anyio.Lock()
+        """Held while the handshake is replayed: concurrent first POSTs queue behind it."""
+
+
+_RESTORED_REQUEST_ID = "mcp-sse-transport/restore"
+"""The id of a restored session's synthetic ``initialize``, whose response is swallowed."""
+
+
+def _restoration(scope: Scope) -> _Restore | None:
+    """What a new session replays for this GET: a handshake at the protocol version of its
+    ``MCP-Protocol-Version`` header (only an initialized client sends one), if the SDK speaks it
+    through ``initialize``; else nothing, and the session starts as any other."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"mcp-protocol-version":
+            version = value.decode("latin-1").strip()
+            return _Restore(version) if version in HANDSHAKE_PROTOCOL_VERSIONS else None
+    return None
+
+
+def _restored_handshake(version: str) -> tuple[types.JSONRPCRequest, types.JSONRPCNotification]:
+    """The ``initialize`` and ``notifications/initialized`` of a restored session: the client's
+    protocol version; no capabilities (the server must not ask it for roots, sampling or
+    elicitation it may not have); a client info that says the session was restored."""
+    client_info = {"name": "mcp-sse-transport-restored-session", "version": "0"}
+    params = {"protocolVersion": version, "capabilities": {}, "clientInfo": client_info}
+    initialize = types.JSONRPCRequest(jsonrpc="2.0", id=_RESTORED_REQUEST_ID, method="initialize", params=params)
+    return initialize, types.JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized")
 
 
 class _SeenIds:
@@ -108,12 +154,20 @@ def _ended_streams() -> tuple[ReadStream[SessionMessage | Exception], WriteStrea
 
 def _owner(scope: Scope) -> str:
     """A fingerprint of the request's credential ("" when anonymous): a session answers only the
-    principal that opened it, on any worker."""
+    principal that opened it, on any worker. The SDK's bearer auth fingerprints its token's
+    client, scopes and claims; any other Starlette authentication, its user's class and identity."""
     user = scope.get("user")
-    if not isinstance(user, AuthenticatedUser):
+    if isinstance(user, AuthenticatedUser):
+        principal: Any = authorization_context(user)
+    elif isinstance(user, BaseUser) and user.is_authenticated:
+        try:
+            identity = user.identity
+        except NotImplementedError:  # BaseUser's default: the display name is what it has
+            identity = user.display_name
+        principal = {"user": f"{type(user).__module__}.{type(user).__qualname__}", "identity": identity}
+    else:
         return ""
-    principal = json.dumps(authorization_context(user), sort_keys=True)
-    return hashlib.sha256(principal.encode()).hexdigest()
+    return hashlib.sha256(json.dumps(principal, sort_keys=True).encode()).hexdigest()
 
 
 class _ServerWriteStream:
@@ -128,6 +182,7 @@ class _ServerWriteStream:
 
     async def send(self, item: SessionMessage, /) -> None:
         message = item.message
+        self._session.exchanged = True
         answered = message.id if isinstance(message, types.JSONRPCResponse | types.JSONRPCError) else None
         if answered is not None and answered == self._session.swallow:
             self._session.swallow = None  # the replayed initialize's: the client has it already
@@ -136,9 +191,12 @@ class _ServerWriteStream:
             # Bytes straight from pydantic-core: what model_dump_json does, without the str round trip.
             data = message.__pydantic_serializer__.to_json(message, by_alias=True, exclude_unset=True)
         except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
-            await _report_unserializable(self._session, self._task_group, message, exc)
+            await _report_unsendable(self._session, self._task_group, message, _Unsendable.unserializable(exc))
         else:
-            await self._session.handler.send(data)
+            try:
+                await self._session.handler.send(data)
+            except EventTooLargeError as exc:
+                await _report_unsendable(self._session, self._task_group, message, _Unsendable.too_large(exc))
         if answered is not None and self._cluster is not None:
             await self._session.handler.flush()  # stored before it is struck off: this worker may die
             try:
@@ -175,38 +233,57 @@ async def _answer_locally(session: _Session, answer: types.JSONRPCError) -> None
         await session.inbound.send(SessionMessage(answer))
 
 
-async def _report_unserializable(
-    session: _Session, task_group: anyio.abc.TaskGroup, message: types.JSONRPCMessage, exc: Exception
+@dataclass(frozen=True, slots=True)
+class _Unsendable:
+    """Why an outbound message could not be sent, as its error event and answers say it."""
+
+    code: ErrorCode
+    problem: str
+    """Completes "Outbound message …", "Response …", "Request …"."""
+    cause: Exception
+    data: dict[str, Any]
+
+    @classmethod
+    def unserializable(cls, exc: Exception) -> _Unsendable:
+        return cls(ErrorCode.INTERNAL_ERROR, "could not be serialized", exc, {})
+
+    @classmethod
+    def too_large(cls, exc: EventTooLargeError) -> _Unsendable:
+        return cls(ErrorCode.MESSAGE_TOO_LARGE, "is too large", exc, {"size": exc.size, "max_event_bytes": exc.limit})
+
+
+async def _report_unsendable(
+    session: _Session, task_group: anyio.abc.TaskGroup, message: types.JSONRPCMessage, why: _Unsendable
 ) -> None:
     """Tell the client which message was lost, and answer whoever waits for it, on either side."""
     handler = session.handler
     request_id = getattr(message, "id", None)
     method = getattr(message, "method", None)
     logger.error(
-        "session %s: outbound %s could not be serialized (%s); the session goes on",
+        "session %s: outbound %s %s (%s); the session goes on",
         handler.tag,
         type(message).__name__,
-        type(exc).__name__,
-        exc_info=exc,
+        why.problem,
+        why.cause,
+        exc_info=why.cause if why.code is ErrorCode.INTERNAL_ERROR else None,
     )
     details = {key: value for key, value in (("id", request_id), ("method", method)) if value is not None}
     try:
         await handler.send(
-            error_body(ErrorCode.INTERNAL_ERROR, "Outbound message could not be serialized", details or None),
-            event="error",
+            error_body(why.code, f"Outbound message {why.problem}", {**details, **why.data} or None), event="error"
         )
         if isinstance(message, types.JSONRPCResponse):
-            await handler.send(_dump(_jsonrpc_error(message.id, "Response could not be serialized")))
+            await handler.send(_dump(_jsonrpc_error(message.id, f"Response {why.problem}", why.code)))
         elif isinstance(message, types.JSONRPCError):
             replacement = types.ErrorData(code=message.error.code, message=message.error.message)
             await handler.send(_dump(types.JSONRPCError(jsonrpc="2.0", id=message.id, error=replacement)))
         elif isinstance(message, types.JSONRPCRequest):
             # The server awaits the client's answer to a request the client never got: answer it.
             task_group.start_soon(
-                _answer_locally, session, _jsonrpc_error(message.id, "Request could not be serialized")
+                _answer_locally, session, _jsonrpc_error(message.id, f"Request {why.problem}", why.code)
             )
     except _CLOSED:
-        logger.debug("session %s: ended before the serialization error could be reported", handler.tag)
+        logger.debug("session %s: ended before the failed send could be reported", handler.tag)
 
 
 def _id_of(body: bytes) -> types.RequestId | None:
@@ -390,9 +467,10 @@ class SseServerTransport:
         session_id = uuid4().hex
         inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
         session = _Session(SessionHandler(session_id, self._config, self._store), inbound, _owner(scope))
+        session.restore = _restoration(scope)
         if self._cluster is not None:
             try:
-                await self._cluster.register(session_id, session.owner)
+                await self._cluster.register(session_id, session.owner, session.handler.secret)
             except StoreError as exc:
                 logger.error("refused a session: %s", exc)
                 await self._unavailable("Session store unavailable")(scope, receive, send)
@@ -401,15 +479,18 @@ class SseServerTransport:
         logger.debug("session %s opened", session.handler.tag)
         # Attached before the server can write, so nothing it writes is taken for a detached session.
         attachment = session.handler.attach()
-        preface += self._endpoint_event(scope, session_id, first=True)
+        preface += self._endpoint_event(scope, session_id, session.handler.secret)
 
         async def serve_stream() -> None:
             try:
                 await stream_session(session.handler, scope, receive, send, preface, attachment=attachment)
-                await session.handler.linger()
+                await self._linger(session)
             finally:
                 self._registry.discard(session_id)
                 inbound.close()
+            # Ended for good: nobody can ever read what its server still does. Cancel the server's
+            # run (the caller's ``async with`` body), which cancels every request in flight.
+            tg.cancel_scope.cancel()
 
         try:
             async with anyio.create_task_group() as tg:
@@ -417,10 +498,11 @@ class SseServerTransport:
                 try:
                     yield read_stream, _ServerWriteStream(session, tg, self._cluster)
                 except anyio.get_cancelled_exc_class():
-                    # The worker is going away (a forced shutdown), not the session: end it here at
-                    # once, and with Redis another worker takes it over.
-                    session.handed_off = True
-                    session.handler.abort("this worker stopped serving it")
+                    if not session.handler.ended:
+                        # The worker is going away (a forced shutdown), not the session: end it
+                        # here at once, and with Redis another worker takes it over.
+                        session.handed_off = True
+                        session.handler.abort("this worker stopped serving it")
                     raise
                 finally:
                     await session.handler.close()
@@ -457,12 +539,17 @@ class SseServerTransport:
         parsed = parse_event_id(last_event_id)
         if parsed is None:
             return None
-        session_id, token = parsed
+        session_id, token, secret = parsed
         session = self._registry.get(session_id)
         try:
             if session is None and self._cluster is not None:
-                return await self._find_in_cluster(session_id, token, arrived, scope, receive, send)
-            if session is None or session.handler.ended or _owner(scope) != session.owner:
+                return await self._find_in_cluster(parsed, arrived, scope, receive, send)
+            if (
+                session is None
+                or session.handler.ended
+                or not secret_matches(secret, session.handler.secret)
+                or _owner(scope) != session.owner
+            ):
                 return None
             if await self._store.replay(session_id, token, until=token) is None:  # valid, without the events
                 return None
@@ -471,18 +558,19 @@ class SseServerTransport:
             await self._unavailable("Session store unavailable")(scope, receive, send)
             raise RequestRejected("Session store unavailable") from exc
         logger.info("session %s: resuming", session.handler.tag)
-        preface = self._endpoint_event(scope, session_id, first=False)
+        preface = self._endpoint_event(scope, session_id)
         return partial(stream_session, session.handler, scope, receive, send, preface, after=token, arrived=arrived)
 
-    def _endpoint_event(self, scope: Scope, session_id: str, *, first: bool) -> bytes:
-        """The ``endpoint`` event. A new session's carries the id ``<session>:0``, "before the first
-        event", so a client that drops before any message can still resume; a resume's carries
-        none, so the client keeps the id it resumed from."""
+    def _endpoint_event(self, scope: Scope, session_id: str, secret: str | None = None) -> bytes:
+        """The ``endpoint`` event. A new session's (given its ``secret``) carries the id
+        ``<session>.<secret>:0``, "before the first event", so a client that drops before any
+        message can still resume; a resume's carries none, so the client keeps the id it resumed
+        from."""
         path = quote(scope.get("root_path", "").rstrip("/") + self._endpoint)
         return encode_event(
             f"{path}?session_id={session_id}",
             event="endpoint",
-            id=format_event_id(session_id, BEFORE_FIRST) if first else None,
+            id=None if secret is None else format_event_id(session_id, BEFORE_FIRST, secret),
             retry=self._config.retry_ms,
         )
 
@@ -526,6 +614,7 @@ class SseServerTransport:
     ) -> tuple[Response, Callable[[], Coroutine[Any, Any, None]] | None]:
         """Hand a POSTed body to the session's server; the response, and what to do once it was
         sent (report a parse error on the stream too)."""
+        session.exchanged = True  # no probe: a dropped connection now waits for a resume
         try:
             message = types.jsonrpc_message_adapter.validate_json(body, by_name=False)
         except ValidationError as err:
@@ -533,6 +622,12 @@ class SseServerTransport:
             return Response("Could not parse message", status_code=400), partial(
                 self._report_parse_error, session, body, err
             )
+        if (
+            isinstance(message, types.JSONRPCRequest)
+            and len(json.dumps(message.id)) > self._config.max_request_id_bytes
+        ):
+            logger.warning("session %s: refused a request whose id is too long", session.handler.tag)
+            return self._id_too_long(), partial(self._report_id_too_long, session)
         try:
             first_time = await self._record(session, message, body)
         except StoreError as exc:
@@ -544,6 +639,7 @@ class SseServerTransport:
             logger.info("session %s: a request was POSTed again; not delivered twice", session.handler.tag)
             return Response("Accepted", status_code=202), None
         try:
+            await self._prepare(session, message)
             # Hand the message over before answering 202: an accepted message is never lost.
             await session.inbound.send(SessionMessage(message, metadata=ServerMessageMetadata(request_context=request)))
         except _CLOSED:
@@ -571,6 +667,58 @@ class SseServerTransport:
         ):
             await cluster.record_handshake(session_id, "initialized", body)
         return True
+
+    # -- probes and restored handshakes ----------------------------------------------------------
+
+    async def _linger(self, session: _Session) -> None:
+        """Return once a new session has ended. One with no message either way, and no resume
+        claim, is a probe (mcp-remote opens streams it never reads): it ends as soon as its
+        connection does, instead of holding its server and buffers for ``session_grace``. Any
+        other session waits that long for a resume: a client that resumed before its first POST
+        (while the server still held its connection, as after most network drops) wants it."""
+        handler = session.handler
+        await handler.detached()
+        if not (session.exchanged or handler.claimed or handler.ended):
+            handler.abort("its connection ended before any message arrived")
+            return
+        await handler.linger()
+
+    async def _prepare(self, session: _Session, message: types.JSONRPCMessage) -> None:
+        """Before a session's first message reaches its server: replay the handshake of a
+        client that reconnected initialized but could not resume, unless the client opens with
+        ``initialize`` itself (then the handshake is the client's own, exactly as sent).
+
+        Concurrent first POSTs wait for the replay, so none reaches a server not yet
+        initialized. Raises what ``inbound.send`` raises once the session ended."""
+        restore = session.restore
+        if restore is None:
+            return
+        async with restore.lock:
+            if session.restore is None:  # another POST replayed it meanwhile
+                return
+            session.restore = None
+            if isinstance(message, types.JSONRPCRequest) and message.method == "initialize":
+                return
+            initialize, initialized = _restored_handshake(restore.version)
+            if self._cluster is not None:  # a worker taking the session over replays it too
+                try:
+                    session_id = session.handler.session_id
+                    await self._cluster.record_handshake(session_id, "init", _dump(initialize).encode())
+                    await self._cluster.record_handshake(session_id, "initialized", _dump(initialized).encode())
+                except StoreError as exc:
+                    logger.warning("session %s: the restored handshake was not stored (%s)", session.handler.tag, exc)
+            logger.info(
+                "session %s: a client that could not resume is back at protocol %s; its handshake is restored",
+                session.handler.tag,
+                restore.version,
+            )
+            session.swallow = initialize.id  # the client initialized long ago: it expects no answer
+            try:
+                await session.inbound.send(SessionMessage(initialize))
+                await session.inbound.send(SessionMessage(initialized))
+            except BaseException:
+                session.restore = restore  # not replayed (the session ended, or this POST was cancelled)
+                raise
 
     # -- scale-out: requests for sessions another worker owns, or owned --------------------------
 
@@ -635,13 +783,14 @@ class SseServerTransport:
             await anyio.sleep(remaining)  # a lease is a deadline: nothing to wait on but the clock
 
     async def _find_in_cluster(
-        self, session_id: str, token: str, arrived: float, scope: Scope, receive: Receive, send: Send
+        self, parsed: EventId, arrived: float, scope: Scope, receive: Receive, send: Send
     ) -> Callable[[], Coroutine[Any, Any, None]] | None:
-        """What serves the resume of a session this worker does not hold, if Redis knows it and
-        it belongs to this credential."""
+        """What serves the resume of a session this worker does not hold, if Redis knows it, the
+        id carries its secret, and it belongs to this credential."""
         assert self._cluster is not None
+        session_id, token, secret = parsed
         entry = await self._cluster.lookup(session_id)
-        if entry is None or entry.fingerprint != _owner(scope):
+        if entry is None or not secret_matches(secret, entry.secret) or entry.fingerprint != _owner(scope):
             return None
         if await self._store.replay(session_id, token, until=token) is None:
             return None
@@ -664,8 +813,8 @@ class SseServerTransport:
 
         cluster = self._cluster
         assert cluster is not None
-        sink = await open_stream(send)
-        preface = self._endpoint_event(scope, session_id, first=False)
+        sink = await open_stream(send, scope, self._config.socket_send_buffer)
+        preface = self._endpoint_event(scope, session_id)
         after: str | None = token
         session: _Session | None = None
         try:
@@ -674,7 +823,7 @@ class SseServerTransport:
                     try:
                         async with cluster.relay(entry.owner, session_id, arrived) as relay:
                             if preface:
-                                after = await self._replay_here(sink, session_id, token, preface)
+                                after = await self._replay_here(sink, session_id, entry.secret, token, preface)
                                 preface = b""
                             if after is None:
                                 break
@@ -698,20 +847,28 @@ class SseServerTransport:
             return await end_stream(scope, send, False, self._config.write_timeout)
         await stream_session(session.handler, scope, receive, send, preface, after=after, sink=sink, arrived=arrived)
 
-    async def _replay_here(self, sink: Sink, session_id: str, token: str, preface: bytes) -> str | None:
+    async def _replay_here(self, sink: Sink, session_id: str, secret: str, token: str, preface: bytes) -> str | None:
         """Write ``preface`` and the stored events after ``token``; returns the last token
         written, or ``None`` if the connection failed."""
-        replay = await self._store.replay(session_id, token)
-        chunks = [preface, *(chunk for chunk, _ in replay_chunks(session_id, replay or Replay([], gap=True)))]
-        for chunk in chunks:
+
+        async def write(chunk: bytes) -> bool:
             with anyio.move_on_after(self._config.write_timeout) as stalled:
                 try:
                     await sink(chunk)
                 except Exception:
-                    return None
-            if stalled.cancelled_caught:
+                    return False
+            return not stalled.cancelled_caught
+
+        if not await write(preface):
+            return None
+        last = token
+        async for chunk, _, through in replay_chunks(
+            self._store, session_id, event_id_prefix(session_id, secret), token
+        ):
+            if not await write(chunk):
                 return None
-        return replay.events[-1].token if replay is not None and replay.events else token
+            last = through
+        return last
 
     async def _follow(self, relay: Relay, sink: Sink, receive: Receive, session_id: str) -> bool:
         """Write what the owner relays until it ends the stream (returns whether gracefully), the
@@ -781,7 +938,7 @@ class SseServerTransport:
             return None
         last_token = await cluster.store.last_token(session_id)
         inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
-        handler = SessionHandler(session_id, self._config, self._store, last_token=last_token)
+        handler = SessionHandler(session_id, self._config, self._store, last_token=last_token, secret=entry.secret)
         session = _Session(handler, inbound, entry.fingerprint)
         logger.info("session %s: taken over from a worker that stopped", handler.tag)
         await cluster.task_group.start(self._run_adopted, session, read_stream, server)
@@ -825,6 +982,7 @@ class SseServerTransport:
                     self._registry.discard(handler.session_id)
                     session.inbound.close()
                     await handler.close()
+                tg.cancel_scope.cancel()  # ended for good: stop its server's requests in flight
         except Exception:
             logger.exception("session %s: the server of a session taken over failed", handler.tag)
         finally:
@@ -894,6 +1052,22 @@ class SseServerTransport:
         else:
             session.handed_off = True
             self._cluster.spawn("handing a session off", session.handler.shutdown)
+
+    def _id_too_long(self) -> Response:
+        """400 with a JSON-RPC error: the id is not echoed (nor remembered), so ``id`` is null."""
+        limit = self._config.max_request_id_bytes
+        error = error_body(ErrorCode.INVALID_REQUEST, "Request id too long", {"max_request_id_bytes": limit})
+        body = f'{{"jsonrpc":"2.0","id":null,"error":{error}}}'
+        return Response(body, status_code=400, media_type="application/json")
+
+    async def _report_id_too_long(self, session: _Session) -> None:
+        """The same error on the stream, for clients that drop a POST's answer."""
+        limit = self._config.max_request_id_bytes
+        with suppress(*_CLOSED):
+            await session.handler.send(
+                error_body(ErrorCode.INVALID_REQUEST, "Request id too long", {"max_request_id_bytes": limit}),
+                event="error",
+            )
 
     async def _report_parse_error(self, session: _Session, body: bytes, err: ValidationError) -> None:
         """Put a parse failure on the stream as well as on the 400: stock clients drop a POST's

@@ -247,7 +247,8 @@ async def test_redis_outage_fails_calls_fast_and_the_session_goes_on_after_a_res
                 with anyio.fail_after(10), pytest.raises(MCPError) as down:
                     await client.call_tool("echo", {"text": "down"})
                 assert down.value.error.code == types.CONNECTION_CLOSED
-            resume = {"Last-Event-ID": f"{cluster.sessions[0]}:0"}
+            # A well-formed id: whether its secret is right, only Redis could tell.
+            resume = {"Last-Event-ID": f"{cluster.sessions[0]}.{'0' * 32}:0"}
             async with httpx2.AsyncClient() as http:
                 for worker in cluster.workers:  # a new session, or a resume on the owner or elsewhere
                     for headers in ({}, resume):

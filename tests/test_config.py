@@ -26,12 +26,17 @@ def test_defaults() -> None:
     assert config.replay_max_events == 2000
     assert config.replay_max_bytes == 8 * 1024 * 1024
     assert config.replay_max_age == 300.0
+    assert config.socket_send_buffer == 256 * 1024
+    assert config.max_event_bytes == 4 * 1024 * 1024
+    assert config.max_request_id_bytes == 256
 
 
 def test_valid_values_accepted() -> None:
     config = SseConfig(
         max_buffered_events=1,
         max_buffered_bytes=1,
+        max_event_bytes=1,
+        max_request_id_bytes=1,
         grant_timeout=0.01,
         slow_consumer_policy="disconnect",
         write_timeout=1,
@@ -55,7 +60,15 @@ def test_retry_ms(seconds: float, ms: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "field", ["max_buffered_events", "max_buffered_bytes", "replay_max_events", "replay_max_bytes"]
+    "field",
+    [
+        "max_buffered_events",
+        "max_buffered_bytes",
+        "max_event_bytes",
+        "max_request_id_bytes",
+        "replay_max_events",
+        "replay_max_bytes",
+    ],
 )
 @pytest.mark.parametrize("value", [0, -1, 1.5, 10.0, "10", None, True, False])
 def test_invalid_counts(field: str, value: Any) -> None:
@@ -85,6 +98,18 @@ def test_invalid_policy(value: Any) -> None:
         SseConfig(slow_consumer_policy=value)
 
 
+@pytest.mark.parametrize("value", [1, 4096, 256 * 1024, None])
+def test_socket_send_buffer_accepts_bytes_or_none(value: int | None) -> None:
+    assert SseConfig(socket_send_buffer=value).socket_send_buffer == value
+
+
+@pytest.mark.parametrize("field", ["max_sessions", "socket_send_buffer"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, 4096.0, "4096", True, False])
+def test_invalid_optional_counts(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"^{field} must be a positive integer or None, got {value!r}$"):
+        SseConfig(**{field: value})
+
+
 def test_frozen() -> None:
     config = SseConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -103,3 +128,24 @@ def test_equality_and_hash() -> None:
     assert SseConfig(grant_timeout=1.0) == SseConfig(grant_timeout=1.0)
     assert SseConfig(grant_timeout=1.0) != SseConfig(grant_timeout=2.0)
     assert hash(SseConfig()) == hash(SseConfig())
+
+
+@pytest.mark.parametrize(
+    ("log", "least", "values"),
+    [
+        ("replay_max_events", "max_buffered_events", {"replay_max_events": 999}),
+        ("replay_max_bytes", "max_buffered_bytes", {"replay_max_bytes": 4 * 1024 * 1024 - 1, "max_event_bytes": 1}),
+        ("replay_max_bytes", "max_event_bytes", {"max_event_bytes": 8 * 1024 * 1024 + 1}),
+    ],
+)
+def test_replay_log_smaller_than_what_it_must_keep_refused(log: str, least: str, values: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match=f"{log} .* must be at least {least}"):
+        SseConfig(**values)  # type: ignore[arg-type]
+
+
+def test_replay_log_as_large_as_the_buffer_accepted() -> None:
+    config = SseConfig(replay_max_events=1000, replay_max_bytes=4 * 1024 * 1024)
+    assert (config.replay_max_events, config.replay_max_bytes) == (
+        config.max_buffered_events,
+        config.max_buffered_bytes,
+    )

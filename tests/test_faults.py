@@ -49,7 +49,9 @@ def fault_server() -> Server[Any]:
 
 
 async def test_a_result_far_larger_than_the_buffer_is_delivered_whole() -> None:
-    config = SseConfig(max_buffered_bytes=256 * 1024, max_buffered_events=8)
+    config = SseConfig(
+        max_buffered_bytes=256 * 1024, max_buffered_events=8, max_event_bytes=2 * BIG, replay_max_bytes=2 * BIG
+    )
     with anyio.fail_after(60):
         async with serving(sse_app(fault_server(), transport_security=OPEN, config=config)) as base:
             async with Client(resumable_sse_client(f"{base}/sse"), mode="legacy") as client:
@@ -59,6 +61,35 @@ async def test_a_result_far_larger_than_the_buffer_is_delivered_whole() -> None:
                 assert (await client.call_tool("stream", {"count": 3})).content[0] == types.TextContent(
                     type="text", text="streamed 3"
                 )
+
+
+async def test_a_result_over_the_event_limit_is_refused_with_an_error_and_the_session_goes_on() -> None:
+    config = SseConfig(max_event_bytes=BIG // 2, replay_max_bytes=BIG)
+    with anyio.fail_after(60):
+        async with serving(sse_app(fault_server(), transport_security=OPEN, config=config)) as base:
+            async with RawSseStream.open(base) as raw, httpx2.AsyncClient(base_url=base) as http:
+                post_url = await initialize(raw, http)
+                call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "big", "arguments": {}}}
+                assert (await http.post(post_url, json=call)).status_code == 202
+                error, answer = await raw.next_event(), await raw.next_event()
+                assert error is not None and error.event == "error"
+                assert error.json() == {
+                    "code": ErrorCode.MESSAGE_TOO_LARGE,
+                    "message": "Outbound message is too large",
+                    "data": {"id": 7, "size": error.json()["data"]["size"], "max_event_bytes": BIG // 2},
+                }
+                assert error.json()["data"]["size"] > BIG
+                assert answer is not None and answer.json() == {
+                    "jsonrpc": "2.0",
+                    "id": 7,
+                    "error": {"code": ErrorCode.MESSAGE_TOO_LARGE, "message": "Response is too large"},
+                }
+                # Nothing was granted for it: the session goes on, and a resume replays no gap.
+                call["id"], call["params"] = 8, {"name": "stream", "arguments": {"count": 1}}
+                assert (await http.post(post_url, json=call)).status_code == 202
+                streamed = await raw.next_event()
+                assert streamed is not None and streamed.json()["id"] == 8
+                assert streamed.json()["result"]["content"] == [{"type": "text", "text": "streamed 1"}]
 
 
 async def test_a_producer_failing_mid_stream_errors_its_call_and_the_session_goes_on() -> None:

@@ -16,11 +16,15 @@ import anyio.lowlevel
 import pytest
 
 from mcp_sse_transport import (
+    BEFORE_FIRST,
     ConnectionLostError,
     CreditLedger,
     ErrorCode,
+    EventTooLargeError,
     Grant,
     GrantError,
+    InMemoryEventStore,
+    Replay,
     SessionClosedError,
     SessionExpiredError,
     SessionHandler,
@@ -29,6 +33,7 @@ from mcp_sse_transport import (
     encode_event,
 )
 from mcp_sse_transport.events import HEARTBEAT
+from mcp_sse_transport.handler import REPLAY_PAGE
 from mcp_sse_transport.ids import parse_event_id
 
 from ._handlers import parse, quiet_config
@@ -36,11 +41,12 @@ from ._handlers import parse, quiet_config
 pytestmark = pytest.mark.anyio
 
 SESSION = "0123456789abcdef0123456789abcdef"
+SECRET = "fedcba9876543210fedcba9876543210"
 config = quiet_config
 
 
 def new_handler(**overrides: object) -> SessionHandler:
-    return SessionHandler(SESSION, config(**overrides))
+    return SessionHandler(SESSION, config(**overrides), secret=SECRET)
 
 
 class RecordingSink:
@@ -152,7 +158,7 @@ class Outcome:
 
 def message(n: int, data: str, event: str | None = "message") -> bytes:
     """The wire form of the session's ``n``-th event (the in-memory store's tokens count from 1)."""
-    return encode_event(data, event=event, id=f"{SESSION}:{n}")
+    return encode_event(data, event=event, id=f"{SESSION}.{SECRET}:{n}")
 
 
 # -- ordering and coalescing ---------------------------------------------------------------------
@@ -171,7 +177,7 @@ async def test_events_written_in_order_with_increasing_ids() -> None:
         assert sink.data == b"".join(message(i + 1, f"event {i}") for i in range(20))
         events = parse(sink.data)
         assert [e.data for e in events] == [f"event {i}" for i in range(20)]
-        assert [e.id for e in events] == [f"{SESSION}:{i + 1}" for i in range(20)]
+        assert [e.id for e in events] == [f"{SESSION}.{SECRET}:{i + 1}" for i in range(20)]
         assert runner.graceful is True
         assert handler.state is SessionState.CLOSED
         assert not handler.failed
@@ -875,3 +881,59 @@ async def test_statistics_are_consistent() -> None:
         )
         assert stats.bytes_sent == len(sink.data)
         assert stats.heartbeats_sent == 0
+
+
+# -- byte bounds: the largest event, replay in pieces ------------------------------------------
+
+
+async def test_an_event_over_max_event_bytes_is_refused_before_any_grant_and_the_session_goes_on() -> None:
+    with anyio.fail_after(5):
+        handler = new_handler(max_event_bytes=10, replay_max_bytes=10, max_buffered_bytes=10)
+        sink = RecordingSink()
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink)
+            with pytest.raises(EventTooLargeError) as refused:
+                await handler.send("x" * 11)
+            assert (refused.value.size, refused.value.limit) == (11, 10)
+            with pytest.raises(EventTooLargeError):
+                await handler.request_send(11)
+            stats = handler.statistics()
+            assert (stats.state, stats.buffered_events, stats.reserved_events) == (SessionState.OPEN, 0, 0)
+            await handler.send("x" * 10)  # the limit itself is an event the log keeps
+            await handler.close()
+            await runner.done.wait()
+        assert [event.data for event in parse(sink.data)] == ["x" * 10]
+
+
+class _PagedStore(InMemoryEventStore):
+    """The in-memory store, noting how many events each replay call returned."""
+
+    def __init__(self) -> None:
+        super().__init__(max_events=5000, max_bytes=64 * 1024 * 1024)
+        self.pages: list[int] = []
+
+    async def replay(
+        self, session_id: str, after: str, until: str | None = None, *, limit: int | None = None
+    ) -> Replay | None:
+        replay = await super().replay(session_id, after, until, limit=limit)
+        if replay is not None and limit is not None:
+            self.pages.append(len(replay.events))
+        return replay
+
+
+async def test_a_long_replay_is_read_from_the_store_in_pages_and_arrives_whole_in_order() -> None:
+    count = 3 * REPLAY_PAGE + 5
+    with anyio.fail_after(10):
+        store = _PagedStore()
+        handler = SessionHandler(SESSION, config(max_buffered_events=count), store, secret=SECRET)
+        for n in range(count):
+            await handler.send(f"e{n}")  # detached: stored and buffered, replayed from the store on attach
+        sink = RecordingSink()
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink, after=BEFORE_FIRST)
+            await handler.close()
+            await runner.done.wait()
+        events = parse(sink.data)
+        assert [event.data for event in events] == [f"e{n}" for n in range(count)]
+        assert [event.id for event in events] == [f"{SESSION}.{SECRET}:{n + 1}" for n in range(count)]
+        assert store.pages == [REPLAY_PAGE, REPLAY_PAGE, REPLAY_PAGE, 5]

@@ -303,7 +303,7 @@ class _Flood:
                     self.sent += 1
                     stats = self.transport.statistics()
                     self.max_buffered_bytes_seen = max(self.max_buffered_bytes_seen, stats.buffered_bytes)
-            except anyio.BrokenResourceError as exc:
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:  # cut loose, or shut down
                 self.outcome = exc
             finally:
                 self.released.set()

@@ -31,6 +31,7 @@ from .test_handler import RecordingSink, drop_and_resume, start
 pytestmark = pytest.mark.anyio
 
 SESSION = "0123456789abcdef0123456789abcdef"
+SECRET = "fedcba9876543210fedcba9876543210"
 OTHER = "fedcba9876543210fedcba9876543210"
 MAX = 2**64 - 1
 
@@ -121,7 +122,7 @@ async def test_tokens_round_trip_through_event_ids(redis_client: Redis, redis_pr
     with anyio.fail_after(10):
         store = RedisEventStore(redis_client, prefix=redis_prefix)
         for token in await append_all(store, SESSION, 3):
-            assert parse_event_id(format_event_id(SESSION, token)) == (SESSION, token)
+            assert parse_event_id(format_event_id(SESSION, token, SECRET)) == (SESSION, token, SECRET)
 
 
 async def test_append_sets_expiry_of_max_age(redis_client: Redis, redis_prefix: str) -> None:
@@ -471,14 +472,14 @@ async def test_hung_server_raises_store_error_within_the_socket_timeout(redis_pr
 async def test_session_handler_resume_replays_missed_events_from_redis(redis_client: Redis, redis_prefix: str) -> None:
     with anyio.fail_after(10):
         store = RedisEventStore(redis_client, prefix=redis_prefix)
-        handler = SessionHandler(SESSION, quiet_config(), store)
+        handler = SessionHandler(SESSION, quiet_config(), store, secret=SECRET)
         _, second, second_sink = await drop_and_resume(handler)
         stored = await store.replay(SESSION, BEFORE_FIRST)
         assert stored is not None and [e.data for e in stored.events] == [b"e1", b"e2", b"e3", b"e4", b"e5"]
         # Everything after the last event the client saw, exactly once, in order, with the store's ids.
         events = parse(second_sink.data)
         assert [e.data for e in events] == ["e2", "e3", "e4", "e5"]
-        assert [e.id for e in events] == [format_event_id(SESSION, e.token) for e in stored.events[1:]]
+        assert [e.id for e in events] == [format_event_id(SESSION, e.token, SECRET) for e in stored.events[1:]]
         assert second.graceful is True
 
 

@@ -76,8 +76,14 @@ class _UserFromHeader:
 
 async def start_session(raw: RawSseStream, http: httpx2.AsyncClient, retry_ms: int = 3000) -> str:
     """Read the endpoint event and complete the handshake; returns the POST URL."""
+    return (await open_session(raw, http, retry_ms))[0]
+
+
+async def open_session(raw: RawSseStream, http: httpx2.AsyncClient, retry_ms: int = 3000) -> tuple[str, str]:
+    """Read the endpoint event and complete the handshake; returns the POST URL and the endpoint
+    event's id, which resumes the session from before its first event."""
     endpoint = await raw.next_event()
-    assert endpoint is not None and endpoint.event == "endpoint"
+    assert endpoint is not None and endpoint.event == "endpoint" and endpoint.id is not None
     assert endpoint.retry == retry_ms
     init = {
         "jsonrpc": "2.0",
@@ -89,7 +95,7 @@ async def start_session(raw: RawSseStream, http: httpx2.AsyncClient, retry_ms: i
     answer = await raw.next_event()
     assert answer is not None and answer.json()["id"] == 0 and answer.id is not None
     await http.post(endpoint.data, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
-    return endpoint.data
+    return endpoint.data, endpoint.id
 
 
 def call_stream(count: int) -> dict[str, Any]:
@@ -193,13 +199,17 @@ async def test_odd_last_event_ids_get_the_unknown_answer_and_never_another_sessi
                 events = [await alice.next_event() for _ in range(3)]
                 alice_id = events[0].id if events[0] is not None else None
                 assert alice_id is not None
-                session_part = alice_id.split(":")[0]
+                session_part, secret = alice_id.split(":")[0].split(".")
+                assert alice_post.endswith(f"session_id={session_part}") and secret not in alice_post
                 odd = {
                     "malformed": "not-an-event-id",
                     "huge": "f" * 32 + ":" + "9" * 4000,
-                    "forged-token": f"{session_part}:999999",
-                    "unknown-session": "0" * 32 + ":1",
+                    "forged-token": f"{session_part}.{secret}:999999",
+                    "unknown-session": "0" * 32 + "." + secret + ":1",
                     "another-credential": alice_id,
+                    "from-the-post-url": f"{session_part}:0",
+                    "another-secret": f"{session_part}.{'0' * 32}:0",
+                    "secret-uppercase": f"{session_part}.{secret.upper()}:0",
                 }
                 for name, value in odd.items():
                     answer = await _resume_answer(base, value, {"x-user": "mallory"})
@@ -215,7 +225,7 @@ async def test_odd_last_event_ids_get_the_unknown_answer_and_never_another_sessi
 
 
 async def test_resuming_past_the_retained_log_reports_the_gap_then_replays_what_is_left() -> None:
-    config = SseConfig(replay_max_events=5)
+    config = SseConfig(replay_max_events=5, max_buffered_events=5)
     with anyio.fail_after(20):
         async with serving(sse_app(streaming_server(), transport_security=OPEN, config=config)) as base:
             async with httpx2.AsyncClient(base_url=base) as http:

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from mcp_sse_transport import ErrorCode, InMemoryEventStore, SseConfig, SseServerTransport, sse_app
 
 from ._support import RawSseStream, serving
-from .test_resume import OPEN, _UserFromHeader, call_stream, start_session, stream_runs, streaming_server
+from .test_resume import OPEN, _UserFromHeader, call_stream, open_session, start_session, stream_runs, streaming_server
 
 pytestmark = pytest.mark.anyio
 
@@ -75,11 +75,11 @@ async def test_another_credential_finds_no_session_on_any_worker(redis_url: str,
             alice = {"x-user": "alice"}
             async with httpx2.AsyncClient(base_url=b, headers=alice) as http:
                 async with RawSseStream.open(a, headers=alice) as raw:
-                    post_url = await start_session(raw, http, retry_ms=50)
+                    post_url, first_id = await open_session(raw, http, retry_ms=50)
                     bob = {"x-user": "bob"}
                     posted = await http.post(post_url, json=call_stream(1), headers=bob)
                     assert posted.status_code == 404 and posted.text == "Could not find session"
-                    async with RawSseStream.open(b, headers={**bob, "Last-Event-ID": f"{post_url[-32:]}:0"}) as other:
+                    async with RawSseStream.open(b, headers={**bob, "Last-Event-ID": first_id}) as other:
                         refused = await other.next_event()
                         assert refused is not None and refused.event == "error"
                         assert refused.json()["code"] == ErrorCode.RESUME_UNKNOWN
@@ -163,9 +163,9 @@ async def test_live_events_reach_a_stream_relayed_by_another_worker(redis_url: s
         async with two_workers(redis_url, redis_prefix, replay_max_events=count * 2) as (a, b):
             async with httpx2.AsyncClient(base_url=a) as http:
                 async with RawSseStream.open(a) as first:
-                    post_url = await start_session(first, http, retry_ms=50)
+                    post_url, first_id = await open_session(first, http, retry_ms=50)
                     last_id = None
-                async with RawSseStream.open(b, headers={"Last-Event-ID": f"{post_url[-32:]}:0"}) as relayed:
+                async with RawSseStream.open(b, headers={"Last-Event-ID": first_id}) as relayed:
                     assert (await relayed.next_event()) is not None  # endpoint
                     replayed = await relayed.next_event()  # from the start: the initialize response
                     assert replayed is not None and replayed.json()["id"] == 0
