@@ -71,6 +71,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-prefix", default="mcp-sse:", help="prefix of this deployment's Redis keys")
     parser.add_argument("--owner-lease", type=float, default=5.0, help="seconds before a dead worker's sessions move")
     parser.add_argument("--retry", type=float, default=3.0, help="seconds clients wait before reconnecting")
+    parser.add_argument("--max-sessions", type=int, default=10_000, help="sessions this worker serves at most")
     return parser.parse_args(argv)
 
 
@@ -81,6 +82,7 @@ def _config(args: argparse.Namespace) -> SseConfig:
         redis_prefix=args.redis_prefix,
         owner_lease=args.owner_lease,
         retry_interval=args.retry,
+        max_sessions=args.max_sessions,
     )
 
 

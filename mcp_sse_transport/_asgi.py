@@ -8,6 +8,8 @@ from typing import Final
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from .errors import ErrorCode
+from .events import encode_error
 from .handler import Attachment, Closed, SessionHandler, Sink
 
 ABORT_EXTENSION: Final = "mcp_sse_transport.abort"
@@ -65,6 +67,20 @@ async def end_stream(scope: Scope, send: Send, graceful: bool, within: float) ->
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+REFUSED: Final = encode_error(ErrorCode.SUPERSEDED, "A later resume of this session took it over")
+"""What a resume that lost its race gets before its stream ends: the session goes on elsewhere."""
+
+
+async def write_refused(sink: Sink, within: float) -> bool:
+    """Tell a resume that a later one won (:data:`REFUSED`); whether it was written in time."""
+    with anyio.move_on_after(within) as stalled:
+        try:
+            await sink(REFUSED)
+        except Exception:
+            return False
+    return not stalled.cancelled_caught
+
+
 async def stream_session(
     handler: SessionHandler,
     scope: Scope,
@@ -75,13 +91,14 @@ async def stream_session(
     after: str | None = None,
     attachment: Attachment | None = None,
     sink: Sink | None = None,
-    arrived: float | None = None,
+    arrived: int | None = None,
 ) -> None:
     """Serve ``handler``'s events as this request's response until the connection drops or the
     session ends. A new session comes with its ``attachment``; a resume (``after`` a token)
     attaches here, superseding any connection still attached, unless a resume that arrived
-    later (``arrived``: when this one did, by the wall clock) claimed the session first. ``sink``
-    continues a response whose head :func:`open_stream` already sent.
+    later (``arrived``: this one's claim sequence) claimed the session first: then this stream
+    gets a ``SUPERSEDED`` error event and ends. ``sink`` continues a response whose head
+    :func:`open_stream` already sent.
     """
     claim = handler.claim(arrived) if attachment is None else None  # the last resume to arrive wins
     if sink is None:
@@ -89,7 +106,8 @@ async def stream_session(
     if claim is not None:
         attachment = await handler.attach_latest(claim)
         if attachment is None:  # a later resume of the session got there first
-            return await end_stream(scope, send, False, handler.config.write_timeout)
+            graceful = await write_refused(sink, handler.config.write_timeout)
+            return await end_stream(scope, send, graceful, handler.config.write_timeout)
     graceful = await handler.run(
         sink, preface=preface, after=after, attachment=attachment, closed=disconnected(receive)
     )

@@ -35,8 +35,11 @@ __all__ = ["resumable_sse_client"]
 
 logger = logging.getLogger("mcp_sse_transport.client")
 
-_SESSION_LOST = {ErrorCode.RESUME_UNKNOWN, ErrorCode.SLOW_CONSUMER, ErrorCode.SUPERSEDED}
-"""Error events after which the session cannot continue on this client."""
+_SESSION_LOST = {ErrorCode.RESUME_UNKNOWN, ErrorCode.SLOW_CONSUMER}
+"""Error events after which the session cannot continue on this client. ``SUPERSEDED`` is not
+one: a resume of this client's that a server took up late (a worker that stalled between the
+request and its turn) can win over the client's newer stream; the client resumes again, unless
+it is superseded ``max_reconnects`` times in a row with no message between (another client)."""
 
 _HANDSHAKE = {"initialize", "notifications/initialized"}
 """Messages POSTed in order: each one's POST settles before the next message is taken."""
@@ -57,6 +60,8 @@ class _State:
     """Nothing happened in the session yet: no POST was accepted, no message arrived. A server
     ends such a session (a probe) with its connection, so a resume finds it unknown; nothing is
     lost, and the client carries on in the new session the server opens on the same stream."""
+    superseded: int = 0
+    """Streams of this client superseded in a row, with no message between."""
     stale: bool = False
     """The fresh session is gone: the next ``endpoint`` event names the new one."""
     restarted: anyio.Event = field(default_factory=anyio.Event)
@@ -105,8 +110,12 @@ async def resumable_sse_client(
     accepted unless ``max_event_size`` is set; a message or error event that is not valid is
     logged and skipped.
 
-    POSTs go out concurrently, up to ``max_concurrent_posts`` at a time (a further message waits
-    for one to settle), so one request's retries hold back no other message. The handshake
+    A POST answered 503 (not delivered: the server's store or the session's owner was
+    unavailable for a moment) is sent again after the stream's ``retry:`` delay, doubled each
+    time, up to ``max_reconnects`` times; so is a request answered 504 (its outcome unknown: a
+    request id runs once per session). POSTs go out concurrently, up to
+    ``max_concurrent_posts`` at a time (a further message waits for one to settle), so one
+    request's retries hold back no other message. The handshake
     (``initialize``, then ``notifications/initialized``) is POSTed in order, and a
     ``notifications/cancelled`` takes no slot: when its request's POST has not settled yet, that
     POST is stopped first (its caller gave up on it), then the cancel is sent.
@@ -155,6 +164,7 @@ async def resumable_sse_client(
                             skip_malformed(event.event, event.data, exc)
                             continue
                         state.fresh = False
+                        state.superseded = 0
                         if isinstance(message, types.JSONRPCResponse | types.JSONRPCError):
                             state.pending.discard(message.id)
                         await read_writer.send(SessionMessage(message))
@@ -169,8 +179,12 @@ async def resumable_sse_client(
                             state.stale = True
                             continue
                         logger.warning("server error event %d: %s", error.code, error.message)
-                        if error.code in _SESSION_LOST:
+                        if error.code in _SESSION_LOST or (
+                            error.code == ErrorCode.SUPERSEDED and state.superseded >= max_reconnects
+                        ):
                             raise _SessionLost(error)
+                        if error.code == ErrorCode.SUPERSEDED:
+                            state.superseded += 1
 
         def skip_malformed(kind: str, data: str, exc: ValueError) -> None:
             """One line, without the event's id or data (either may carry the session id)."""
@@ -220,7 +234,8 @@ async def resumable_sse_client(
 
         async def refuse(message: types.JSONRPCMessage, exc: Exception) -> None:
             """A POST refused, or never sent: no answer will come, so fail its request now."""
-            logger.warning("POST failed (%s)", type(exc).__name__)
+            status = f" {exc.response.status_code}" if isinstance(exc, httpx2.HTTPStatusError) else ""
+            logger.warning("POST failed (%s%s)", type(exc).__name__, status)
             if isinstance(message, types.JSONRPCRequest):
                 state.pending.discard(message.id)
                 error = types.ErrorData(code=types.CONNECTION_CLOSED, message="Could not send the request")
@@ -253,7 +268,14 @@ async def resumable_sse_client(
                         endpoint,
                         json=message.model_dump(by_alias=True, mode="json", exclude_unset=True),
                     )
-                    if unknown and response.status_code == 503:  # unavailable now: ask again later
+                    if response.status_code == 504:  # the server itself cannot tell whether it arrived
+                        logger.warning("POST outcome unknown (504)%s", "; sending it again" if resend else "")
+                        if not resend:
+                            return
+                        unknown = True
+                        continue
+                    if response.status_code == 503 and attempt < max_reconnects:
+                        # Unavailable now (its store, or its owner, for a moment): ask again later.
                         continue
                     if response.status_code == 404 and state.fresh and await new_session(endpoint, restarted):
                         return await post(message)  # never delivered: nothing happened in the old one

@@ -10,6 +10,7 @@ __all__ = [
     "ConnectionLostError",
     "ErrorCode",
     "EventTooLargeError",
+    "FencedError",
     "GrantError",
     "SessionClosedError",
     "SessionExpiredError",
@@ -95,5 +96,17 @@ class GrantError(RuntimeError):
 class StoreError(Exception):
     """The event store or session directory could not be reached or failed (Redis down, say).
 
-    The store's own exception is the ``__cause__``.
+    The store's own exception is the ``__cause__``. ``transient`` failures (the default: a
+    connection refused, a command timed out) may succeed when tried again; others will not.
     """
+
+    transient: bool = True
+
+
+class FencedError(StoreError):
+    """This worker no longer holds the session's lease: another worker took the session over
+    (its generation in Redis moved on), or this worker's own lease lapsed before a renewal was
+    granted. Redis refused the write (or it was refused before being sent): the session is served
+    elsewhere now, and this worker must stop serving it without touching its state in Redis."""
+
+    transient = False

@@ -23,6 +23,7 @@ from .errors import (
     ConnectionLostError,
     ErrorCode,
     EventTooLargeError,
+    FencedError,
     SessionClosedError,
     SessionExpiredError,
     SlowConsumerError,
@@ -32,7 +33,7 @@ from .errors import (
 from .events import HEARTBEAT, encode_error, encode_event, encode_message
 from .flow import CreditLedger, Grant
 from .ids import event_id_prefix, new_secret
-from .store import EventStore, InMemoryEventStore, Replay
+from .store import EventStore, InMemoryEventStore, Replay, append_riding_out
 
 __all__ = [
     "Attachment",
@@ -203,6 +204,7 @@ class SessionHandler:
         "_storing",
         "_yielded_at",
         "config",
+        "guard",
         "session_id",
     )
 
@@ -246,12 +248,15 @@ class SessionHandler:
         self._connection: Attachment | None = None
         self._connections = 0
         self._claims = 0
-        self._newest: tuple[float, int] | None = None
+        self._newest: tuple[int, int] | None = None
         self._events_sent = 0
         self._bytes_sent = 0
         self._heartbeats_sent = 0
         self._last_write: float | None = None
         self._last_activity = 0.0
+        self.guard: Callable[[], Awaitable[None]] | None = None
+        """Awaited before each write of events to a connection (not of heartbeats): returns once
+        this worker may write them, raises once it may not (with Redis: its lease is lost)."""
 
     def __repr__(self) -> str:
         return f"<SessionHandler {self.tag} {self._state.value}>"
@@ -338,7 +343,10 @@ class SessionHandler:
                 await woken.wait()
         except TimeoutError:
             self._ledger.withdraw(grant)
-            self._evict(f"no room freed up within {self.config.grant_timeout:g} s")
+            if self._storing is not None and self._storing.locked():  # the store, not the client, is stuck
+                self._store_failed(StoreError(f"storing took over {self.config.grant_timeout:g} s"))
+            else:
+                self._evict(f"no room freed up within {self.config.grant_timeout:g} s")
             raise self._error() from None
         except BaseException:
             self._ledger.withdraw(grant)
@@ -401,23 +409,37 @@ class SessionHandler:
             if batch:
                 try:
                     # Shielded: a batch taken and not stored would be lost, its room never given back.
+                    # A store that fails is tried again for up to grant_timeout: meanwhile the
+                    # events wait in the bounded buffer, and producers wait for grants.
                     with anyio.CancelScope(shield=True):
-                        tokens = await self._append_many(batch)
+                        tokens = await append_riding_out(
+                            self._store,
+                            self.session_id,
+                            batch,
+                            after=self._last_token,
+                            within=self.config.grant_timeout,
+                        )
+                except FencedError as exc:
+                    self._moved(exc)
+                    return False
                 except StoreError as exc:
-                    logger.error("session %s: the event store failed (%s); the session ends", self.tag, exc)
-                    final = encode_error(ErrorCode.STORE_UNAVAILABLE, "Session store unavailable; the session ends")
-                    self._fail(StoreUnavailableError, "the event store failed", final=final)
+                    self._store_failed(exc)
                     return False
                 if not self.ended:
                     for (event, data), token in zip(batch, tokens, strict=True):
                         self._enqueue(data, event, token)
         return not self.ended
 
-    async def _append_many(self, batch: list[tuple[str | None, bytes]]) -> list[str]:
-        append_many = getattr(self._store, "append_many", None)
-        if append_many is not None:
-            return list(await append_many(self.session_id, batch))
-        return [await self._store.append(self.session_id, event, data) for event, data in batch]
+    def _moved(self, exc: FencedError) -> None:
+        """Another worker serves the session now: end it here at once, with no final event (the
+        client's resume finds it there), and nothing more stored or written from here."""
+        logger.warning("session %s: its stream here ends (%s)", self.tag, exc)
+        self._fail(ConnectionLostError, "another worker serves the session now")
+
+    def _store_failed(self, exc: StoreError) -> None:
+        logger.error("session %s: the event store failed (%s); the session ends", self.tag, exc)
+        final = encode_error(ErrorCode.STORE_UNAVAILABLE, "Session store unavailable; the session ends")
+        self._fail(StoreUnavailableError, "the event store failed", final=final)
 
     def _enqueue(self, data: bytes, event: str | None, token: str) -> None:
         self._last_token = token
@@ -569,18 +591,22 @@ class SessionHandler:
 
     # -- the writer --------------------------------------------------------------------------
 
-    def claim(self, arrived: float | None = None) -> tuple[float, int]:
-        """Take a place in line to attach, for a resume that ``arrived`` at that wall-clock time
-        (``time.time()`` on whichever worker it reached; default now). :meth:`attach_latest`
-        with it attaches only if no resume arrived later: the last to arrive wins, however
-        long each takes to get its turn (a worker may wait out a dead owner's lease first)."""
+    def claim(self, sequence: int | None = None) -> tuple[int, int]:
+        """Take a place in line to attach, for a resume that drew ``sequence`` from the
+        session's :class:`~mcp_sse_transport.claims.ClaimSequence` as it arrived (on whichever
+        worker it reached; default: after every claim taken so far). :meth:`attach_latest` with
+        it attaches only if no resume arrived later: the last to arrive wins, however long each
+        takes to get its turn (a worker may wait out a dead owner's lease first). No clock is
+        read: a clock stepped back, or skewed between workers, cannot reorder resumes."""
         self._claims += 1
-        claim = (time.time() if arrived is None else arrived, self._claims)
+        if sequence is None:
+            sequence = self._newest[0] if self._newest is not None else 0
+        claim = (sequence, self._claims)
         if self._newest is None or claim > self._newest:
             self._newest = claim
         return claim
 
-    async def attach_latest(self, claim: tuple[float, int]) -> Attachment | None:
+    async def attach_latest(self, claim: tuple[int, int]) -> Attachment | None:
         """Supersede whatever connection is attached, then attach, unless a resume that arrived
         later claimed the session: then ``None``, and the caller's connection should be dropped."""
         while claim == self._newest and self._connection is not None:
@@ -734,6 +760,8 @@ class SessionHandler:
         with anyio.CancelScope(deadline=deadline) as scope:
             connection.write_scope = scope
             try:
+                if self.guard is not None and chunk is not HEARTBEAT:
+                    await self.guard()  # a fenced worker writes nothing more: the session lives elsewhere
                 await sink(chunk)
             except Exception as exc:  # any failure to write means the connection is unusable
                 logger.info("session %s: write failed (%s)", self.tag, type(exc).__name__)

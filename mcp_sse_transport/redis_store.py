@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import anyio
@@ -30,13 +30,22 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT
 
-from .errors import StoreError
+from .errors import FencedError, StoreError
+from .fencing import Lease
 from .handler import session_tag
 from .store import BEFORE_FIRST, Replay, StoredEvent
 
 __all__ = ["RedisEventStore"]
 
 _APPEND = """
+if #KEYS == 3 then
+  local generation = redis.call('HGET', KEYS[3], 'g')
+  if not generation then return redis.error_reply('GONE the session is no longer in Redis') end
+  local owner = redis.call('GET', KEYS[2])
+  if generation ~= ARGV[6] or (owner and owner ~= ARGV[5]) then
+    return redis.error_reply('FENCED another worker holds the session now')
+  end
+end
 local prev = '0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
@@ -49,7 +58,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return id
 """
 """``XADD *`` with an exact ``MAXLEN`` and the previous id, then renew the expiry: one round trip.
-KEYS: the stream; ARGV: max_events, max_age in ms, event name, data."""
+KEYS: the stream; ARGV: max_events, max_age in ms, event name, data. Fenced (an owner's append,
+see :mod:`~mcp_sse_transport.fencing`), KEYS also hold the session's owner and meta keys, ARGV
+the worker id and the lease's generation: nothing is appended, and the error is ``FENCED``,
+unless that generation is still the session's and no other worker holds the owner key (``GONE``
+when the session's meta is gone)."""
 
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_PART = 2**64 - 1
@@ -75,15 +88,37 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _fenced(entry: _Append, result: BaseException) -> BaseException:
+    """A ``FENCED`` refusal of the append's script as a :class:`FencedError`, a ``GONE`` one as
+    a :class:`StoreError` that is not transient (trying again cannot help); else ``result``."""
+    if not entry.fence or not str(result).startswith(("FENCED", "GONE")):
+        return result
+    tag = session_tag(entry.session_id)
+    if str(result).startswith("FENCED"):
+        refused: StoreError = FencedError(f"append for session {tag} refused: another worker holds the session now")
+    else:
+        refused = StoreError(f"append for session {tag} refused: Redis no longer knows the session")
+        refused.transient = False
+    refused.__cause__ = result
+    return refused
+
+
 class _Append:
     """One append waiting in the store's batch: its arguments, then its outcome."""
 
-    __slots__ = ("abandoned", "args", "done", "failure", "key", "lead", "session_id", "token")
+    __slots__ = ("abandoned", "args", "done", "failure", "fence", "key", "lead", "lease", "session_id", "token")
 
-    def __init__(self, session_id: str, key: str, args: list[EncodableT]) -> None:
+    def __init__(self, session_id: str, key: str, args: list[EncodableT], lease: Lease | None = None) -> None:
         self.session_id = session_id
         self.key = key
         self.args = args
+        self.lease = lease
+        """The owner's lease the append is fenced by (``None``: unconditional)."""
+        self.fence: list[str] = []
+        """The keys the fenced script checks, after the stream (its arguments follow ``args``)."""
+        if lease is not None:
+            self.fence, fence_args = lease.fence()
+            self.args = [*args, *fence_args]
         self.done = anyio.Event()
         self.lead = False
         """Woken to send the next batch, not because this append is done."""
@@ -124,6 +159,9 @@ class RedisEventStore:
         self._batch: list[_Append] = []
         self._sending = False
         self._append = redis.register_script(_APPEND)
+        self.leases: Mapping[str, Lease] | None = None
+        """Set by the cluster: every append is then fenced by its session's lease (one round
+        trip still: the check runs in the append's script), and refused without one."""
 
     def key(self, session_id: str) -> str:
         """The session's stream (hash-tagged by the session, like its other keys)."""
@@ -146,11 +184,16 @@ class RedisEventStore:
         return (await self.append_many(session_id, [(event, data)]))[0]
 
     async def append_many(self, session_id: str, events: Sequence[tuple[str | None, bytes]]) -> list[str]:
-        """Add ``(event, data)`` pairs in order, in one round trip; returns their entry ids."""
+        """Add ``(event, data)`` pairs in order, in one round trip; returns their entry ids.
+        Fenced, raises :class:`FencedError` when the session's lease is lost (Redis refused it)."""
         key = self.key(session_id)
+        lease = await self._lease(session_id) if events else None
         entries = [
             _Append(
-                session_id, key, [self.max_events, self._max_age_ms, b"" if event is None else event.encode(), data]
+                session_id,
+                key,
+                [self.max_events, self._max_age_ms, b"" if event is None else event.encode(), data],
+                lease,
             )
             for event, data in events
         ]
@@ -176,6 +219,18 @@ class RedisEventStore:
             await self._lead()
         return [self._outcome(entry) for entry in entries]
 
+    async def _lease(self, session_id: str) -> Lease | None:
+        """The lease that fences the session's appends, once it is valid (``None``: unfenced).
+        Raises :class:`FencedError` when this worker holds none, or it is lost."""
+        if self.leases is None:
+            return None
+        lease = self.leases.get(session_id)
+        if lease is None:
+            raise FencedError(f"append for session {session_tag(session_id)} refused: this worker holds no lease")
+        await lease.hold()
+        lease.wrote = True
+        return lease
+
     async def _lead(self) -> None:
         """Send what is queued, then hand the next batch to a waiting caller, or stop sending."""
         while True:
@@ -196,7 +251,7 @@ class RedisEventStore:
         results: list[Any]
         try:
             if len(batch) == 1:  # the script object itself, which loads the script when Redis lost it
-                results = [await self._append(keys=[batch[0].key], args=batch[0].args)]
+                results = [await self._append(keys=[batch[0].key, *batch[0].fence], args=batch[0].args)]
             else:
                 results = await self._send_pipelined(batch)
                 if isinstance(results[0], NoScriptError):  # Redis restarted: none of them ran
@@ -206,7 +261,7 @@ class RedisEventStore:
             results = [exc] * len(batch)
         for entry, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
-                entry.failure = result
+                entry.failure = _fenced(entry, result)
             else:
                 entry.token = _text(result)
             entry.lead = False
@@ -216,10 +271,14 @@ class RedisEventStore:
         # EVALSHA by hand: a Script in a pipeline asks SCRIPT EXISTS first, a round trip more.
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry in batch:
-                pipe.evalsha(self._append.sha, 1, entry.key, *entry.args)
+                pipe.evalsha(self._append.sha, 1 + len(entry.fence), entry.key, *entry.fence, *entry.args)
             return await pipe.execute(raise_on_error=False)
 
     def _outcome(self, entry: _Append) -> str:
+        if isinstance(entry.failure, StoreError):  # refused by the fence
+            if isinstance(entry.failure, FencedError) and entry.lease is not None:
+                entry.lease.revoke()  # another worker took the session over: stop serving it
+            raise entry.failure
         if entry.token is None:
             self._fail("append", entry.session_id, entry.failure or RuntimeError("append was not sent"))
         return entry.token

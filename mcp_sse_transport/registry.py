@@ -65,8 +65,11 @@ class SessionRegistry(Generic[S]):
     def get(self, session_id: str) -> S | None:
         return self._sessions.get(session_id)
 
-    def discard(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+    def discard(self, session_id: str, entry: S | None = None) -> None:
+        """Forget the session; given its ``entry``, only if that is still the one registered (a
+        session taken over anew may have replaced it)."""
+        if entry is None or self._sessions.get(session_id) is entry:
+            self._sessions.pop(session_id, None)
 
     def statistics(self) -> RegistryStatistics:
         sessions = tuple(entry.handler.statistics() for entry in self._sessions.values())

@@ -7,14 +7,21 @@ resumed while it is retained.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Protocol, runtime_checkable
 
-__all__ = ["BEFORE_FIRST", "EventStore", "InMemoryEventStore", "Replay", "StoredEvent"]
+import anyio
+
+from .errors import StoreError
+
+__all__ = ["BEFORE_FIRST", "EventStore", "InMemoryEventStore", "Replay", "StoredEvent", "append_riding_out"]
+
+logger = logging.getLogger("mcp_sse_transport")
 
 BEFORE_FIRST = "0"
 """The token that stands before a session's first event: replaying after it replays everything."""
@@ -162,3 +169,62 @@ class InMemoryEventStore:
 
     async def drop(self, session_id: str) -> None:
         self._logs.pop(session_id, None)
+
+
+async def _append_all(store: EventStore, session_id: str, batch: Sequence[tuple[str | None, bytes]]) -> list[str]:
+    append_many = getattr(store, "append_many", None)
+    if append_many is not None:
+        return list(await append_many(session_id, batch))
+    return [await store.append(session_id, event, data) for event, data in batch]
+
+
+async def append_riding_out(
+    store: EventStore,
+    session_id: str,
+    batch: Sequence[tuple[str | None, bytes]],
+    *,
+    after: str | None,
+    within: float,
+) -> list[str]:
+    """Append ``batch`` in order and return its tokens, trying again on transient failures for up
+    to ``within`` seconds: a slow or briefly unreachable store is backpressure, not death (the
+    events wait in the caller's bounded buffer meanwhile).
+
+    A failed call may have stored some of the batch (its reply lost): before trying again, the
+    events stored after ``after`` (the session's newest token before the batch, ``None`` before
+    any) are read back, and only the rest is appended again, so nothing is stored twice. That
+    relies on the session having one writer, which the owner's lease (fenced in Redis)
+    guarantees. Raises the last :class:`StoreError` once ``within`` has passed, or at once for
+    one that is not ``transient``.
+    """
+    deadline = anyio.current_time() + within
+    tokens: list[str] = []
+    pending = list(batch)
+    delay = 0.05
+    failed: StoreError | None = None
+    while True:
+        try:
+            if failed is not None:  # what of the batch arrived before the failure
+                stored = await store.replay(session_id, after or BEFORE_FIRST, limit=len(pending) + 1)
+                if stored is None:
+                    raise StoreError(f"the log of session {session_id[:8]} is gone") from failed
+                arrived = [(event.event, event.data) for event in stored.events]
+                if len(arrived) > len(pending) or arrived != pending[: len(arrived)]:
+                    lost = StoreError(f"the log of session {session_id[:8]} holds events it did not append")
+                    lost.transient = False
+                    raise lost from failed
+                tokens += [event.token for event in stored.events]
+                after = stored.events[-1].token if stored.events else after
+                pending = pending[len(arrived) :]
+                logger.info("session %s: the event store answers again", session_id[:8])
+                failed = None
+            tokens += await _append_all(store, session_id, pending)
+            return tokens
+        except StoreError as exc:
+            if not exc.transient or anyio.current_time() + delay > deadline:
+                raise
+            if failed is None:
+                logger.warning("session %s: the event store failed (%s); trying again", session_id[:8], exc)
+            failed = exc
+        await anyio.sleep(delay)  # a retry's backoff: nothing to wait on but the clock
+        delay = min(delay * 2, 1.0)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import SSE_HEADERS, disconnected, end_stream, open_stream, stream_session
+from ._asgi import SSE_HEADERS, disconnected, end_stream, open_stream, stream_session, write_refused
+from .claims import ClaimSequence, LocalClaimSequence, RedisClaimSequence
 from .config import SseConfig
 from .errors import ErrorCode, EventTooLargeError, StoreError
 from .events import encode_error, encode_event, error_body
@@ -49,7 +49,10 @@ from .registry import RegistryStatistics, SessionRegistry
 from .store import BEFORE_FIRST, EventStore, InMemoryEventStore
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from .cluster import Cluster, DirectoryEntry, Relay
+    from .fencing import Lease
 
 __all__ = ["RequestRejected", "SseServerTransport"]
 
@@ -82,6 +85,39 @@ class _Session:
     waiting ``session_grace``."""
     restore: _Restore | None = None
     """A handshake to replay before the first message, unless that message is ``initialize``."""
+    lease: Lease | None = None
+    """With Redis: this worker's lease of the session, which fences what it writes for it."""
+    attempts: _Attempts = field(default_factory=lambda: _Attempts())
+    """With Redis: the POSTs of a request id being delivered, and those that recorded it in
+    Redis without delivering it."""
+
+
+class _Attempts:
+    """One session's delivery attempts of requests, on the worker serving it (the only one that
+    delivers them): one attempt per request id at a time, each stamped in Redis with a nonce of
+    its own. An attempt that may have recorded its id (the reply was lost, say) and did not
+    deliver the request leaves its nonce here: the next attempt of that id takes the record
+    over, instead of taking the id for one already delivered."""
+
+    __slots__ = ("in_flight", "undelivered")
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, anyio.Event] = {}
+        self.undelivered: dict[str, set[str]] = {}
+        """Request id (as JSON) -> nonces of attempts that may have recorded it, undelivered."""
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One POST's attempt to deliver a request (with Redis)."""
+
+    key: str
+    """The request id, as JSON."""
+    nonce: str = field(default_factory=lambda: uuid4().hex[:16])
+    reclaim: tuple[str, ...] = ()
+    recorded: bool | None = False
+    """Whether this attempt's record is in Redis; ``None``: unknown (its command failed)."""
+    delivered: bool = False
 
 
 class _Restore:
@@ -345,12 +381,21 @@ class SseServerTransport:
         self._server = server
         self._cluster: Cluster | None = None
         self._adopting: dict[str, anyio.Event] = {}
+        self._reserved = 0
+        """Sessions being opened or taken over, not yet in the registry: ``max_sessions`` counts them."""
         self._store: EventStore
+        self._store_client: Redis | None = None
+        self._claim_numbers: ClaimSequence = LocalClaimSequence()
         if self._config.redis_url is not None:
             if server is None:
                 raise ValueError("redis_url needs server=...: a worker that takes a session over runs it")
             self._cluster = _cluster(self._config, event_store)
+            if event_store is None:  # the store's client is ours: closed on leaving
+                self._store_client = self._cluster.store.redis
             self._store = self._cluster.store
+            self._claim_numbers = RedisClaimSequence(
+                self._cluster.redis, self._config.redis_prefix, self._config.replay_max_age
+            )
         else:
             self._store = (
                 event_store
@@ -396,6 +441,8 @@ class SseServerTransport:
             if self._cluster is not None:
                 await self._cluster.__aexit__(exc_type, exc_val, exc_tb)
                 await self._cluster.redis.aclose()
+                if self._store_client is not None:
+                    await self._store_client.aclose()
 
     async def shutdown(self) -> None:
         """Refuse new sessions, then drain every open stream within ``drain_timeout`` and end it
@@ -428,7 +475,6 @@ class SseServerTransport:
         """
         if scope["type"] != "http":
             raise ValueError("connect_sse can only handle HTTP requests")
-        arrived = time.time()  # a resume's place in line, on any worker: the last to arrive wins
         if self._cluster is not None:
             self._cluster.check_running()
         request = Request(scope, receive)
@@ -449,7 +495,7 @@ class SseServerTransport:
 
         preface = b""
         if last_event_id:
-            resume = await self._find_resumable(last_event_id, arrived, scope, receive, send)
+            resume = await self._find_resumable(last_event_id, scope, receive, send)
             if resume is not None:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(resume)
@@ -458,9 +504,7 @@ class SseServerTransport:
             logger.info("resume refused: Last-Event-ID names no resumable session")
             preface = encode_error(ErrorCode.RESUME_UNKNOWN, "Unknown or expired Last-Event-ID; a new session starts")
 
-        limit = self._config.max_sessions
-        if limit is not None and len(self._registry) >= limit:
-            logger.warning("refused a session: %d open, the limit", limit)
+        if not self._reserve_slot():  # before any await: concurrent GETs cannot overshoot the cap
             await self._unavailable("Too many open sessions")(scope, receive, send)
             raise RequestRejected("Too many open sessions")
 
@@ -468,14 +512,18 @@ class SseServerTransport:
         inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
         session = _Session(SessionHandler(session_id, self._config, self._store), inbound, _owner(scope))
         session.restore = _restoration(scope)
-        if self._cluster is not None:
-            try:
-                await self._cluster.register(session_id, session.owner, session.handler.secret)
-            except StoreError as exc:
-                logger.error("refused a session: %s", exc)
-                await self._unavailable("Session store unavailable")(scope, receive, send)
-                raise RequestRejected("Session store unavailable") from exc
-        self._registry.add(session_id, session)
+        try:
+            if self._cluster is not None:
+                try:
+                    await self._cluster.register(session_id, session.owner, session.handler.secret)
+                except StoreError as exc:
+                    logger.error("refused a session: %s", exc)
+                    await self._unavailable("Session store unavailable")(scope, receive, send)
+                    raise RequestRejected("Session store unavailable") from exc
+                self._fence(session, self._cluster)
+            self._registry.add(session_id, session)
+        finally:
+            self._reserved -= 1
         logger.debug("session %s opened", session.handler.tag)
         # Attached before the server can write, so nothing it writes is taken for a detached session.
         attachment = session.handler.attach()
@@ -486,7 +534,7 @@ class SseServerTransport:
                 await stream_session(session.handler, scope, receive, send, preface, attachment=attachment)
                 await self._linger(session)
             finally:
-                self._registry.discard(session_id)
+                self._registry.discard(session_id, session)
                 inbound.close()
             # Ended for good: nobody can ever read what its server still does. Cancel the server's
             # run (the caller's ``async with`` body), which cancels every request in flight.
@@ -507,11 +555,23 @@ class SseServerTransport:
                 finally:
                     await session.handler.close()
         finally:
-            self._registry.discard(session_id)
+            self._registry.discard(session_id, session)
             inbound.close()
             read_stream.close()
             with anyio.CancelScope(shield=True):
                 await self._forget(session)
+
+    def _reserve_slot(self) -> bool:
+        """Count a session about to be opened or taken over against ``max_sessions``, with no
+        await between the check and the count; False (logged) when the worker is full. The
+        caller gives the slot back (``self._reserved -= 1``) once the session is in the
+        registry, or failed to get there."""
+        limit = self._config.max_sessions
+        if limit is not None and len(self._registry) + self._reserved >= limit:
+            logger.warning("refused a session: %d open, the limit", limit)
+            return False
+        self._reserved += 1
+        return True
 
     def _unavailable(self, reason: str) -> Response:
         retry_after = str(max(1, round(self._config.retry_interval)))
@@ -525,14 +585,14 @@ class SseServerTransport:
             if self._cluster is None:
                 await self._store.drop(session_id)
             elif session.handed_off:
-                await self._cluster.release(session_id)
+                await self._cluster.release(session_id, session.lease)
             else:
-                await self._cluster.forget(session_id)
+                await self._cluster.forget(session_id, session.lease)
         except StoreError as exc:
             logger.warning("session %s: %s", session.handler.tag, exc)
 
     async def _find_resumable(
-        self, last_event_id: str, arrived: float, scope: Scope, receive: Receive, send: Send
+        self, last_event_id: str, scope: Scope, receive: Receive, send: Send
     ) -> Callable[[], Coroutine[Any, Any, None]] | None:
         """What serves the resume a Last-Event-ID asks for, if this credential may resume it.
         Answers 503 itself if the store cannot be reached."""
@@ -540,8 +600,13 @@ class SseServerTransport:
         if parsed is None:
             return None
         session_id, token, secret = parsed
-        session = self._registry.get(session_id)
         try:
+            # Its place in line, drawn first, as it arrives: from Redis with a cluster (0: Redis
+            # does not know the session), so every worker shares one order, never a clock.
+            arrived = await self._claim_numbers.next(session_id)
+            if not arrived:
+                return None
+            session = self._serving(session_id)
             if session is None and self._cluster is not None:
                 return await self._find_in_cluster(parsed, arrived, scope, receive, send)
             if (
@@ -596,7 +661,7 @@ class SseServerTransport:
         except ValueError:
             return await Response("Invalid session ID", status_code=400)(scope, receive, send)
 
-        session = self._registry.get(session_id)
+        session = self._serving(session_id)
         if session is None and self._cluster is not None:
             return await self._post_in_cluster(session_id, request, scope, receive, send)
         if session is None or _owner(scope) != session.owner:
@@ -605,6 +670,10 @@ class SseServerTransport:
             return await _not_found()(scope, receive, send)
 
         response, report = await self._deliver(session, await request.body(), request)
+        if response.status_code == _NOT_HERE:
+            if self._cluster is not None:  # where it lives now, if anywhere
+                return await self._post_in_cluster(session_id, request, scope, receive, send)
+            response = _not_found()
         await response(scope, receive, send)
         if report is not None:
             await report()
@@ -628,36 +697,56 @@ class SseServerTransport:
         ):
             logger.warning("session %s: refused a request whose id is too long", session.handler.tag)
             return self._id_too_long(), partial(self._report_id_too_long, session)
+        attempt = await self._begin_attempt(session, message)
         try:
-            first_time = await self._record(session, message, body)
-        except StoreError as exc:
-            logger.warning("session %s: %s", session.handler.tag, exc)
-            return self._unavailable("Session store unavailable"), None
-        if not first_time:
-            # MCP forbids reusing a request id in a session: this is a POST sent again by a client
-            # that could not tell whether the first arrived. It did; the answer comes once.
-            logger.info("session %s: a request was POSTed again; not delivered twice", session.handler.tag)
-            return Response("Accepted", status_code=202), None
-        try:
-            await self._prepare(session, message)
-            # Hand the message over before answering 202: an accepted message is never lost.
-            await session.inbound.send(SessionMessage(message, metadata=ServerMessageMetadata(request_context=request)))
-        except _CLOSED:
-            return _not_found(), None
+            try:
+                first_time = await self._record(session, message, body, attempt)
+            except StoreError as exc:  # not delivered; its record, if any, is undone or taken over
+                logger.warning("session %s: %s", session.handler.tag, exc)
+                return self._unavailable("Session store unavailable"), None
+            if first_time is None:
+                logger.warning("session %s: refused a request: too many unanswered", session.handler.tag)
+                return self._unavailable("Too many requests in flight"), None
+            if not first_time:
+                # MCP forbids reusing a request id in a session: this is a POST sent again by a
+                # client that could not tell whether the first arrived. It did; the answer comes once.
+                logger.info("session %s: a request was POSTed again; not delivered twice", session.handler.tag)
+                return Response("Accepted", status_code=202), None
+            try:
+                await self._prepare(session, message)
+                # Hand the message over before answering 202: an accepted message is never lost.
+                # Shielded: a send cancelled once the server took the message cannot tell it did.
+                delivery = SessionMessage(message, metadata=self._metadata(session, message, request))
+                with anyio.CancelScope(shield=True):
+                    await session.inbound.send(delivery)
+            except _CLOSED:  # it ended here: for good, or (with Redis) it lives on elsewhere
+                return Response("Could not find session", status_code=_NOT_HERE), None
+            if attempt is not None:
+                attempt.delivered = True
+            await self._after_delivery(session, message)
+        finally:
+            if attempt is not None:
+                self._end_attempt(session, attempt)
         return Response("Accepted", status_code=202), None
 
-    async def _record(self, session: _Session, message: types.JSONRPCMessage, body: bytes) -> bool:
+    async def _record(
+        self, session: _Session, message: types.JSONRPCMessage, body: bytes, attempt: _Attempt | None = None
+    ) -> bool | None:
         """Note a request's id, and keep in Redis what a worker taking the session over needs:
         the handshake, and which requests still wait for an answer. False for a request id the
-        session has seen before."""
+        session has seen before; ``None`` (with Redis) when it has too many unanswered."""
         session_id, cluster = session.handler.session_id, self._cluster
         if isinstance(message, types.JSONRPCRequest):
             if cluster is None:
                 if session.seen is None:
                     session.seen = _SeenIds()
                 return session.seen.add(message.id)
-            if not await cluster.accept_request(session_id, message.id):
-                return False
+            assert attempt is not None
+            attempt.recorded = None  # until Redis answers
+            outcome = await cluster.accept_request(session_id, message.id, attempt.nonce, attempt.reclaim)
+            attempt.recorded = outcome == "new"
+            if outcome != "new":
+                return None if outcome == "full" else False
             if message.method == "initialize":
                 await cluster.record_handshake(session_id, "init", body)
         elif (
@@ -667,6 +756,80 @@ class SseServerTransport:
         ):
             await cluster.record_handshake(session_id, "initialized", body)
         return True
+
+    # -- exactly-once requests and bounded unanswered lists (with Redis) -------------------------
+
+    async def _begin_attempt(self, session: _Session, message: types.JSONRPCMessage) -> _Attempt | None:
+        """With Redis, a request's delivery attempt, once no other attempt of its id is under way
+        here (a POST sent again while the first is still delivered waits for its outcome)."""
+        if self._cluster is None or not isinstance(message, types.JSONRPCRequest):
+            return None
+        key = json.dumps(message.id)
+        attempts = session.attempts
+        while (earlier := attempts.in_flight.get(key)) is not None:
+            await earlier.wait()
+        attempts.in_flight[key] = anyio.Event()  # no await since the check: nobody else is
+        return _Attempt(key, reclaim=tuple(attempts.undelivered.get(key, ())))
+
+    def _end_attempt(self, session: _Session, attempt: _Attempt) -> None:
+        """An attempt is over: one that may have recorded its id without delivering it leaves
+        its nonce for the next attempt to take the record over, and has the record undone."""
+        attempts = session.attempts
+        if attempt.delivered:
+            attempts.undelivered.pop(attempt.key, None)
+        elif attempt.recorded is not False:
+            attempts.undelivered.setdefault(attempt.key, set()).add(attempt.nonce)
+            while len(attempts.undelivered) > SEEN_REQUEST_IDS:  # bounded as the ids seen are
+                del attempts.undelivered[next(iter(attempts.undelivered))]
+            assert self._cluster is not None
+            with suppress(RuntimeError):  # the worker is leaving: the next attempt takes the record over
+                self._cluster.spawn("undoing an undelivered request's record", self._undo_record, session, attempt)
+        attempts.in_flight.pop(attempt.key).set()
+
+    async def _undo_record(self, session: _Session, attempt: _Attempt) -> None:
+        """Remove an undelivered attempt's record from Redis (best effort: while it stays, the
+        next attempt takes it over), so a worker taking the session over neither takes the id
+        for delivered nor answers it ``REQUEST_INTERRUPTED``."""
+        assert self._cluster is not None
+        request_id: types.RequestId = json.loads(attempt.key)
+        try:
+            with anyio.fail_after(self._config.forward_timeout):
+                undone = await self._cluster.unaccept_request(session.handler.session_id, request_id, attempt.nonce)
+        except (StoreError, TimeoutError) as exc:
+            logger.info("session %s: an undelivered request stays recorded (%s)", session.handler.tag, exc)
+            return
+        nonces = session.attempts.undelivered.get(attempt.key)
+        if undone and nonces is not None:
+            nonces.discard(attempt.nonce)
+            if not nonces:
+                del session.attempts.undelivered[attempt.key]
+
+    def _metadata(self, session: _Session, message: types.JSONRPCMessage, request: Request) -> ServerMessageMetadata:
+        """A POSTed message's metadata; with Redis, a request's strikes it off the session's
+        unanswered list if it settles without an answer (cancelled: mcp 2.x never answers it)."""
+        metadata = ServerMessageMetadata(request_context=request)
+        if self._cluster is not None and isinstance(message, types.JSONRPCRequest):
+            metadata.on_request_unanswered = partial(self._strike_off, session, message.id)
+        return metadata
+
+    async def _after_delivery(self, session: _Session, message: types.JSONRPCMessage) -> None:
+        """With Redis, a ``notifications/cancelled`` strikes its request off the unanswered list
+        (before its POST is answered): the server will not answer it."""
+        if (
+            self._cluster is not None
+            and isinstance(message, types.JSONRPCNotification)
+            and message.method == "notifications/cancelled"
+        ):
+            request_id = (message.params or {}).get("requestId")
+            if isinstance(request_id, str | int) and not isinstance(request_id, bool):
+                await self._strike_off(session, request_id)
+
+    async def _strike_off(self, session: _Session, request_id: types.RequestId) -> None:
+        assert self._cluster is not None
+        try:
+            await self._cluster.remove_pending(session.handler.session_id, request_id)
+        except StoreError as exc:  # it stays until the session ends (or is answered at a takeover)
+            logger.warning("session %s: %s", session.handler.tag, exc)
 
     # -- probes and restored handshakes ----------------------------------------------------------
 
@@ -726,13 +889,16 @@ class SseServerTransport:
         self, session_id: str, request: Request, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """A POST for a session this worker does not hold: hand it to the owner, or take the
-        session over if the owner is gone; 503 if neither happens within ``forward_timeout``."""
+        session over if the owner is gone; 503 if neither happens within ``forward_timeout``
+        (not delivered), 504 if the owner may have taken it but did not say so in time."""
         from .cluster import OwnerUnreachable
 
         cluster = self._cluster
         assert cluster is not None
         response: Response = self._unavailable("Session owner unreachable")
         report: Callable[[], Coroutine[Any, Any, None]] | None = None
+        handed_over = False
+        """A handover is under way: the owner may have the message, whatever happens now."""
         try:
             with anyio.move_on_after(self._config.forward_timeout):
                 entry = await cluster.lookup(session_id)
@@ -743,31 +909,67 @@ class SseServerTransport:
                 body = await request.body()
                 while True:
                     if entry.owner is not None and entry.owner != cluster.worker_id:
+                        handed_over = True
                         try:
                             status = await cluster.forward(entry.owner, _forwarded(scope, session_id), body)
-                        except OwnerUnreachable:
+                        except OwnerUnreachable:  # nobody received it: not delivered
+                            handed_over = False
                             await self._await_lease(session_id)
                         else:
-                            response = self._status_response(status)
-                            raise _Done
+                            handed_over = False
+                            if status != _NOT_HERE:
+                                response = self._status_response(status)
+                                raise _Done
+                            await self._await_lease(session_id)  # not delivered: it serves the session no more
                     session = await self._adopt(session_id)
                     if session is not None:
                         response, report = await self._deliver(session, body, request)
-                        raise _Done
+                        if response.status_code != _NOT_HERE:
+                            raise _Done
+                        response = self._unavailable("Session owner unreachable")  # unless a next turn finds it
+                    if entry.owner == cluster.worker_id:  # so the next turn takes it, or waits
+                        await self._clear_own_lease(session_id)
                     entry = await cluster.lookup(session_id)
                     if entry is None:
                         response = _not_found()
                         raise _Done
         except _Done:
             pass
+        except _Full:
+            response = self._unavailable("Too many open sessions")
         except TimeoutError:
             logger.warning("session %s: its owner did not take a POST in time", session_tag(session_id))
         except StoreError as exc:
             logger.warning("%s", exc)
             response = self._unavailable("Session store unavailable")
+        if handed_over:
+            response = self._outcome_unknown(session_id)
         await response(scope, receive, send)
         if report is not None:
             await report()
+
+    def _outcome_unknown(self, session_id: str) -> Response:
+        """504 for a POST handed to the owner that did not answer in time (or whose handover's
+        reply from Redis was lost): it may have been delivered. Safe to send again: a request id
+        is delivered once per session."""
+        logger.warning("session %s: a POST handed to its owner has an unknown outcome", session_tag(session_id))
+        retry_after = str(max(1, round(self._config.retry_interval)))
+        return Response(
+            "Outcome unknown: the session's owner may have taken the message",
+            status_code=504,
+            headers={"Retry-After": retry_after},
+        )
+
+    async def _clear_own_lease(self, session_id: str) -> None:
+        """The directory names this worker as the owner of a session it does not serve: a lease
+        left behind (its release failed, say). Give it up, so the session is taken over at once;
+        if this worker still renews it (the session is ending here), wait the lease out rather
+        than ask Redis again and again."""
+        assert self._cluster is not None
+        if self._cluster.renews(session_id):
+            await self._await_lease(session_id)
+        else:
+            await self._cluster.drop_stale_lease(session_id)
 
     def _status_response(self, status: int) -> Response:
         if status == 503:
@@ -783,7 +985,7 @@ class SseServerTransport:
             await anyio.sleep(remaining)  # a lease is a deadline: nothing to wait on but the clock
 
     async def _find_in_cluster(
-        self, parsed: EventId, arrived: float, scope: Scope, receive: Receive, send: Send
+        self, parsed: EventId, arrived: int, scope: Scope, receive: Receive, send: Send
     ) -> Callable[[], Coroutine[Any, Any, None]] | None:
         """What serves the resume of a session this worker does not hold, if Redis knows it, the
         id carries its secret, and it belongs to this credential."""
@@ -802,7 +1004,7 @@ class SseServerTransport:
         session_id: str,
         token: str,
         entry: DirectoryEntry,
-        arrived: float,
+        arrived: int,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -836,6 +1038,8 @@ class SseServerTransport:
                 session = await self._adopt(session_id)
                 if session is not None:
                     break
+                if entry.owner == cluster.worker_id:
+                    await self._clear_own_lease(session_id)
                 next_entry = await cluster.lookup(session_id)
                 if next_entry is None:
                     break
@@ -843,6 +1047,11 @@ class SseServerTransport:
         except (StoreError, TimeoutError) as exc:
             logger.warning("session %s: resume failed (%s)", session_tag(session_id), exc)
             session = None
+        except _Full:  # the client reconnects after the retry hint, to this worker or another
+            full = encode_error(ErrorCode.SERVER_SHUTDOWN, "Too many open sessions", retry=self._config.retry_ms)
+            with anyio.move_on_after(self._config.write_timeout), suppress(Exception):
+                await sink(full)
+            return await end_stream(scope, send, False, self._config.write_timeout)
         if session is None or after is None:
             return await end_stream(scope, send, False, self._config.write_timeout)
         await stream_session(session.handler, scope, receive, send, preface, after=after, sink=sink, arrived=arrived)
@@ -908,11 +1117,14 @@ class SseServerTransport:
     async def _adopt(self, session_id: str) -> _Session | None:
         """Take over a session whose owner's lease ran out: a fresh server, fed the stored
         handshake, and a ``REQUEST_INTERRUPTED`` error for every request the old owner never
-        answered. ``None`` if another worker holds the lease."""
+        answered. ``None`` if another worker holds the lease. Raises :class:`_Full` when this
+        worker has ``max_sessions`` open already: a takeover counts as much as a new session."""
         cluster, server = self._cluster, self._server
         assert cluster is not None and server is not None
-        if (session := await self._local(session_id)) is not None:
+        if (session := await self._local(session_id)) is not None and self._serving(session_id) is session:
             return session
+        if not self._reserve_slot():  # no await since _local: the check and the count are one
+            raise _Full
         done = self._adopting[session_id] = anyio.Event()  # no await since _local: nobody else is
         try:
             if not await cluster.acquire(session_id):
@@ -923,10 +1135,11 @@ class SseServerTransport:
                     session = await self._take_over(session_id, cluster, server)
                 except BaseException:
                     with suppress(StoreError):
-                        await cluster.release(session_id)
+                        await cluster.abandon(session_id)  # nothing written: as if never taken over
                     raise
             return session
         finally:
+            self._reserved -= 1
             if self._adopting.get(session_id) is done:
                 del self._adopting[session_id]
             done.set()
@@ -936,10 +1149,12 @@ class SseServerTransport:
         if entry is None:
             await cluster.release(session_id)
             return None
+        unanswered = await self._interrupt_unanswered(session_id, cluster)
         last_token = await cluster.store.last_token(session_id)
         inbound, read_stream = create_context_streams[SessionMessage | Exception](0)
         handler = SessionHandler(session_id, self._config, self._store, last_token=last_token, secret=entry.secret)
         session = _Session(handler, inbound, entry.fingerprint)
+        self._fence(session, cluster)
         logger.info("session %s: taken over from a worker that stopped", handler.tag)
         await cluster.task_group.start(self._run_adopted, session, read_stream, server)
         for raw in entry.handshake:
@@ -947,19 +1162,33 @@ class SseServerTransport:
             if isinstance(message, types.JSONRPCRequest):
                 session.swallow = message.id
             await inbound.send(SessionMessage(message))
-        unanswered = await cluster.pending(session_id)
-        for request_id in unanswered:
-            interrupted = _jsonrpc_error(
-                request_id,
-                "The server handling this request stopped before answering it",
-                ErrorCode.REQUEST_INTERRUPTED,
-            )
-            await handler.send(_dump(interrupted))
-        if unanswered:
-            await handler.flush()  # stored before they are struck off: this worker may die too
+        if unanswered:  # stored before they are struck off: this worker may die too
             await cluster.remove_pending(session_id, *unanswered)
         self._registry.add(session_id, session)
         return session
+
+    async def _interrupt_unanswered(self, session_id: str, cluster: Cluster) -> list[types.RequestId]:
+        """Store a ``REQUEST_INTERRUPTED`` error for every request the old owner accepted and
+        never answered, straight into the replay log, before the session's handler exists: no
+        producer's grant, so no buffer bound, only the pending bound (``replay_max_events``);
+        the client's resume replays them. Returns their ids, to strike off once stored."""
+        unanswered = await cluster.pending(session_id)
+        events = [
+            (
+                "message",  # as the handler stores a message
+                _dump(
+                    _jsonrpc_error(
+                        request_id,
+                        "The server handling this request stopped before answering it",
+                        ErrorCode.REQUEST_INTERRUPTED,
+                    )
+                ).encode(),
+            )
+            for request_id in unanswered
+        ]
+        for start in range(0, len(events), 500):  # one round trip each, of a bounded size
+            await cluster.store.append_many(session_id, events[start : start + 500])
+        return unanswered
 
     async def _run_adopted(
         self,
@@ -979,7 +1208,7 @@ class SseServerTransport:
                 try:
                     await handler.linger()
                 finally:
-                    self._registry.discard(handler.session_id)
+                    self._registry.discard(handler.session_id, session)
                     session.inbound.close()
                     await handler.close()
                 tg.cancel_scope.cancel()  # ended for good: stop its server's requests in flight
@@ -989,6 +1218,22 @@ class SseServerTransport:
             await read_stream.aclose()
             with anyio.CancelScope(shield=True):
                 await self._forget(session)
+
+    @staticmethod
+    def _fence(session: _Session, cluster: Cluster) -> None:
+        """Bind the session to the lease this worker just took of it: its writes to clients wait
+        while the lease is not surely valid, and stop once it is lost."""
+        lease = session.lease = cluster.lease(session.handler.session_id)
+        assert lease is not None
+        session.handler.guard = partial(lease.hold, bounded=False)
+
+    def _serving(self, session_id: str) -> _Session | None:
+        """This worker's session, unless its lease was lost (its stream may still be ending here,
+        but it lives on another worker now: requests for it go there, or take it over anew)."""
+        session = self._registry.get(session_id)
+        if session is not None and self._cluster is not None and not self._cluster.serves(session_id):
+            return None
+        return session
 
     async def _local(self, session_id: str) -> _Session | None:
         """This worker's session, once no takeover of it is in progress here (one that failed
@@ -1000,8 +1245,8 @@ class SseServerTransport:
     async def _on_post(self, header: dict[str, Any], body: bytes) -> int:
         """A POST another worker handed over for a session of this worker's."""
         session = await self._local(header["sid"])
-        if session is None:
-            return 404
+        if session is None:  # it moved on (taken over, or handed off) since the sender looked
+            return _NOT_HERE
         request = _forwarded_request(header)
         user = request.scope.get("user")
         context = auth_context_var.set(user) if isinstance(user, AuthenticatedUser) else None
@@ -1015,7 +1260,7 @@ class SseServerTransport:
             self._cluster.spawn("reporting a parse error", report)
         return response.status_code
 
-    def _on_claim(self, session_id: str, arrived: float) -> tuple[float, int] | None:
+    def _on_claim(self, session_id: str, arrived: int) -> tuple[int, int] | None:
         """A resume of this worker's session arrived at another worker: its place in line."""
         session = self._registry.get(session_id)
         return session.handler.claim(arrived) if session is not None else None
@@ -1035,6 +1280,8 @@ class SseServerTransport:
                 attachment = await handler.attach_latest(claim)
                 if attachment is not None:
                     graceful = await handler.run(sink, after=header["a"], attachment=attachment, closed=closed)
+                else:  # a later resume won: this one is told so, through the relay, then ends
+                    graceful = await write_refused(sink, self._config.write_timeout)
         finally:
             await self._cluster.end_link(header, graceful)
 
@@ -1050,8 +1297,10 @@ class SseServerTransport:
             end = session.handler.send_error
             self._cluster.spawn("ending a lost session", end, ErrorCode.STORE_UNAVAILABLE, message)
         else:
+            # Ended at once, with no drain: whatever it still has was stored before the lease was
+            # lost (the new owner replays it) or never will be. The client's resume finds it there.
             session.handed_off = True
-            self._cluster.spawn("handing a session off", session.handler.shutdown)
+            session.handler.abort("another worker serves the session now")
 
     def _id_too_long(self) -> Response:
         """400 with a JSON-RPC error: the id is not echoed (nor remembered), so ``id`` is null."""
@@ -1091,8 +1340,17 @@ class SseServerTransport:
             logger.debug("session %s: ended before the parse error could be reported", session.handler.tag)
 
 
+_NOT_HERE = 421
+"""What a worker answers a POST handed to it for a session it no longer serves (HTTP's
+Misdirected Request): not delivered, so the sender looks for the session again."""
+
+
 class _Done(Exception):
     """The response to a POST is decided."""
+
+
+class _Full(Exception):
+    """This worker has ``max_sessions`` open: it cannot take another session over."""
 
 
 def _not_found() -> Response:
@@ -1129,24 +1387,37 @@ def _cluster(config: SseConfig, event_store: EventStore | None) -> Cluster:
     """The Redis side of a transport with ``redis_url``: client, store, directory."""
     try:
         from redis.asyncio import Redis
-        from redis.backoff import ExponentialBackoff
-        from redis.retry import Retry
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff, NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
     except ImportError as exc:
         raise ImportError("redis_url needs the redis extra: pip install 'mcp-sse-transport[redis]'") from exc
     from .cluster import Cluster
     from .redis_store import RedisEventStore
 
-    assert config.redis_url is not None
-    redis = Redis.from_url(
-        config.redis_url,
-        socket_connect_timeout=1.0,
-        socket_timeout=config.forward_timeout,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
-        health_check_interval=30,
-    )
+    url = config.redis_url
+    assert url is not None
+
+    def client(retry: Retry) -> Redis:
+        return Redis.from_url(
+            url,
+            socket_connect_timeout=1.0,
+            socket_timeout=config.forward_timeout,
+            retry=retry,
+            health_check_interval=30,
+        )
+
+    # Tried once more after a dropped connection (a lost reply, say): only what may run twice
+    # goes through it (reads, SET, SREM, PEXPIRE, scripts made idempotent). A timeout is not
+    # tried again: every command keeps its deadline.
+    redis = client(Retry(ExponentialBackoff(cap=0.5, base=0.05), 1, supported_errors=(RedisConnectionError,)))
     if event_store is None:
+        # Never tried again by the client: an append (XADD) or a PUBLISH sent twice would run twice.
         event_store = RedisEventStore(
-            redis, prefix=config.redis_prefix, max_events=config.replay_max_events, max_age=config.replay_max_age
+            client(Retry(NoBackoff(), 0)),
+            prefix=config.redis_prefix,
+            max_events=config.replay_max_events,
+            max_age=config.replay_max_age,
         )
     elif not isinstance(event_store, RedisEventStore):
         raise ValueError("with redis_url, event_store must be a RedisEventStore (or None)")

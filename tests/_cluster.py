@@ -33,13 +33,16 @@ class Worker:
 
 READY = b"Application startup complete"
 """uvicorn's line once a worker serves (its socket listens only then, even when bound before)."""
+LISTENING = b"Uvicorn running on"
+"""uvicorn's line once its socket listens: after READY when uvicorn binds it itself (``run()``),
+before the workers' READY lines with ``--workers``. Ready means both."""
 
 
 async def _read_log(worker: Worker, ready: anyio.Event, processes: int) -> None:
     assert worker.process.stderr is not None
     async for chunk in worker.process.stderr:
         worker.log += chunk
-        if not ready.is_set() and worker.log.count(READY) >= processes:
+        if not ready.is_set() and worker.log.count(READY) >= processes and LISTENING in worker.log:
             ready.set()
     ready.set()  # exited: the caller sees it did not start
 

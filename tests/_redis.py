@@ -17,11 +17,18 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-__all__ = ["READY_LINE", "RedisProcess", "RedisServerMissingError", "redis_server_binary"]
+import anyio
+import anyio.abc
+
+from ._support import serving_connections
+
+__all__ = ["READY_LINE", "RedisProcess", "RedisServerMissingError", "StallingLink", "redis_server_binary"]
 
 READY_LINE = b"Ready to accept connections"
 DEBIAN_PACKAGE = "redis-server"
@@ -182,3 +189,51 @@ class RedisProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class StallingLink:
+    """A TCP proxy on 127.0.0.1 in front of a Redis, whose link a test can stall: while stalled,
+    nothing crosses it either way (connections stay open, new ones are accepted and wait), as a
+    congested link, a failover or a slow ``BGSAVE`` looks to the workers. Run it in the test's
+    event loop; the workers, in their own processes, connect to :attr:`url`."""
+
+    def __init__(self, upstream: str) -> None:
+        self._upstream = upstream.split("//")[1].split("/")[0].rsplit(":", 1)
+        self._open = anyio.Event()
+        self._open.set()
+        self.stalls = 0
+        self.url = ""
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        async with serving_connections(self._handle) as port:
+            self.url = f"redis://127.0.0.1:{port}/0"
+            yield self.url
+
+    @asynccontextmanager
+    async def stalled(self) -> AsyncIterator[None]:
+        """Hold everything on the link for as long as the ``with`` body runs."""
+        self._open = anyio.Event()
+        self.stalls += 1
+        try:
+            yield
+        finally:
+            self._open.set()
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        host, port = self._upstream
+        async with client, await anyio.connect_tcp(host, int(port)) as upstream, anyio.create_task_group() as tg:
+            tg.start_soon(self._pipe, client, upstream, tg.cancel_scope)
+            tg.start_soon(self._pipe, upstream, client, tg.cancel_scope)
+
+    async def _pipe(
+        self, source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, scope: anyio.CancelScope
+    ) -> None:
+        try:
+            async for data in source:
+                await self._open.wait()  # held while stalled, then passed on in order
+                await sink.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            scope.cancel()

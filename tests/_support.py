@@ -6,7 +6,7 @@ import json
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,6 +184,21 @@ def parse_block(block: bytes) -> SseEvent | None:
     return event
 
 
+@asynccontextmanager
+async def serving_connections(
+    handle: Callable[[anyio.abc.SocketStream], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """Accept connections on 127.0.0.1, a port the kernel picks (yielded), each handled by
+    ``handle`` in a task of its own, until the ``with`` body ends: the tests' proxies."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        try:
+            yield listener.extra(anyio.abc.SocketAttribute.local_port)
+        finally:
+            tg.cancel_scope.cancel()
+
+
 class CuttingProxy:
     """A TCP proxy on 127.0.0.1 whose open connections a test can cut at any moment, as a
     network drop would: both sides are shut down, whatever was in flight is lost.
@@ -206,14 +221,8 @@ class CuttingProxy:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        async with listener, anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, self._handle)
-            try:
-                yield f"http://127.0.0.1:{port}"
-            finally:
-                tg.cancel_scope.cancel()
+        async with serving_connections(self._handle) as port:
+            yield f"http://127.0.0.1:{port}"
 
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
         try:

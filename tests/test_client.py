@@ -375,3 +375,42 @@ async def test_a_session_cut_before_its_first_message_is_started_anew_with_nothi
                     assert result.content == [types.TextContent(type="text", text="done")]
     assert len(sessions) == 2 and sessions[0] != sessions[1]
     assert proxy.cuts == 1 and tools.stuck_runs == 1
+
+
+class _UnavailableOnce:
+    """The first POST of a ``tools/call`` gets 503 "Session store unavailable", as while Redis
+    is out of reach: not delivered. Everything else goes straight through."""
+
+    def __init__(self, app: ASGIApp, calls: list[int]) -> None:
+        self.app = app
+        self.calls = calls
+        """One entry per POST of a ``tools/call``."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            message = await receive()
+            body = message.get("body", b"")
+            if b'"tools/call"' in body:
+                self.calls.append(len(self.calls) + 1)
+                if len(self.calls) == 1:
+                    unavailable = Response("Session store unavailable", status_code=503, headers={"Retry-After": "1"})
+                    return await unavailable(scope, receive, send)
+
+            async def replay() -> Message:
+                return message
+
+            return await self.app(scope, replay, send)
+        await self.app(scope, receive, send)
+
+
+async def test_a_post_answered_503_is_sent_again_and_runs_once() -> None:
+    tools = _Tools()
+    app = sse_app(tools.server(), transport_security=OPEN, config=SseConfig(retry_interval=0.05))
+    calls: list[int] = []
+    app.add_middleware(_UnavailableOnce, calls=calls)
+    with anyio.fail_after(20):
+        async with serving(app) as base:
+            async with Client(resumable_sse_client(f"{base}/sse"), mode="legacy") as client:
+                result = await client.call_tool("stuck", {})
+                assert result.content == [types.TextContent(type="text", text="done")]
+    assert (calls, tools.stuck_runs) == ([1, 2], 1)

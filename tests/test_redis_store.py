@@ -7,7 +7,9 @@ pause a server start one of their own (``redis_process``).
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from uuid import uuid4
 
@@ -16,13 +18,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from mcp_sse_transport import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay, SessionHandler, StoredEvent
-from mcp_sse_transport.errors import StoreError, StoreUnavailableError
+from mcp_sse_transport.errors import FencedError, StoreError, StoreUnavailableError
+from mcp_sse_transport.fencing import Lease
 from mcp_sse_transport.handler import session_tag
 from mcp_sse_transport.ids import format_event_id, parse_event_id
 from mcp_sse_transport.redis_store import RedisEventStore, _Append
+from mcp_sse_transport.store import append_riding_out
 
 from ._handlers import parse, quiet_config
 from ._redis import RedisProcess
@@ -487,7 +492,7 @@ async def test_session_handler_ends_when_redis_fails(redis_process: RedisProcess
     client = unreachable_client(redis_process)
     try:
         store = RedisEventStore(client, prefix="dead:")
-        handler = SessionHandler(SESSION, quiet_config(), store)
+        handler = SessionHandler(SESSION, quiet_config(grant_timeout=0.5), store)  # how long it tries
         with anyio.fail_after(10):
             await handler.send("kept")
             await handler.flush()
@@ -527,7 +532,8 @@ async def test_session_handler_accounts_for_events_in_flight_and_sent_during_a_r
                 await anyio.wait_all_tasks_blocked()
                 await handler.send("e7")  # ...while e7 is sent
                 redis_process.resume()
-                await second_sink.wait_for(lambda: b"e7" in second_sink.data)
+                # Its data line: ids carry the session's secret, random hex that may hold "e7".
+                await second_sink.wait_for(lambda: b"data: e7\r\n" in second_sink.data)
                 assert handler.statistics().buffered_events == 0
                 for n in range(8, 20):  # the whole buffer is usable again
                     await handler.send(f"e{n}")
@@ -536,3 +542,247 @@ async def test_session_handler_accounts_for_events_in_flight_and_sent_during_a_r
             assert [event.data for event in parse(second_sink.data)] == [f"e{n}" for n in range(1, 20)]
     finally:
         await client.aclose()
+
+
+class _Retrying(logging.Handler):
+    """Sets ``seen`` when the store reports a failure it will try again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "trying again" in record.getMessage():
+            self.seen.set()
+
+
+@pytest.fixture
+def retrying() -> Iterator[_Retrying]:
+    handler = _Retrying()
+    logger = logging.getLogger("mcp_sse_transport")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_a_stalled_store_is_ridden_out_and_nothing_is_stored_twice(
+    redis_process: RedisProcess, retrying: _Retrying
+) -> None:
+    """Redis stops answering with a batch in flight (its reply is lost, though Redis runs it once
+    it wakes): the batch is tried again, and what arrived is read back, not appended twice."""
+    client = Redis.from_url(redis_process.url, socket_connect_timeout=0.3, socket_timeout=0.3)
+    try:
+        with anyio.fail_after(20):
+            store = RedisEventStore(client, prefix="stall:")
+            first = await append_riding_out(store, SESSION, [(None, b"a"), (None, b"b")], after=None, within=5)
+            batch = [("message", f"e{n}".encode()) for n in range(5)]
+            async with anyio.create_task_group() as tg:
+                tokens: list[str] = []
+
+                async def append() -> None:
+                    tokens.extend(await append_riding_out(store, SESSION, batch, after=first[-1], within=10))
+
+                redis_process.pause()
+                tg.start_soon(append)
+                await retrying.seen.wait()
+                redis_process.resume()
+            stored = await store.replay(SESSION, BEFORE_FIRST)
+            assert stored is not None
+            assert [(e.event, e.data) for e in stored.events] == [(None, b"a"), (None, b"b"), *batch]
+            assert tokens == [e.token for e in stored.events[2:]]
+    finally:
+        await client.aclose()
+
+
+async def test_a_store_down_longer_than_the_grace_fails_with_the_last_error(redis_process: RedisProcess) -> None:
+    client = unreachable_client(redis_process)
+    try:
+        with anyio.fail_after(10):
+            store = RedisEventStore(client, prefix="down:")
+            redis_process.kill()
+            with pytest.raises(StoreError) as failed:
+                await append_riding_out(store, SESSION, [(None, b"x")], after=None, within=0.5)
+            assert failed.value.transient
+    finally:
+        await client.aclose()
+
+
+async def test_a_log_holding_events_its_session_did_not_append_is_not_tried_again(
+    redis_client: Redis, redis_prefix: str
+) -> None:
+    """After a failure, what arrived is read back; a log that does not match (another writer)
+    is a failure no retry can mend."""
+    with anyio.fail_after(10):
+        store = RedisEventStore(redis_client, prefix=redis_prefix)
+        await store.append(SESSION, None, b"someone else's")
+        failing = _FailingOnce(store)
+        with pytest.raises(StoreError, match="did not append") as refused:
+            await append_riding_out(failing, SESSION, [(None, b"mine")], after=None, within=5)
+        assert not refused.value.transient
+
+
+class _FailingOnce:
+    """A store whose first ``append_many`` fails before sending anything (a refused connection)."""
+
+    def __init__(self, store: RedisEventStore) -> None:
+        self._store = store
+        self.failed = False
+
+    async def append(self, session_id: str, event: str | None, data: bytes) -> str:
+        return (await self.append_many(session_id, [(event, data)]))[0]
+
+    async def append_many(self, session_id: str, events: Sequence[tuple[str | None, bytes]]) -> list[str]:
+        if not self.failed:
+            self.failed = True
+            raise StoreError("refused")
+        return await self._store.append_many(session_id, events)
+
+    async def replay(
+        self, session_id: str, after: str, until: str | None = None, *, limit: int | None = None
+    ) -> Replay | None:
+        return await self._store.replay(session_id, after, until, limit=limit)
+
+    async def trim(self, session_id: str) -> None:
+        await self._store.trim(session_id)
+
+    async def drop(self, session_id: str) -> None:
+        await self._store.drop(session_id)
+
+
+# -- fenced appends (an owner's, conditional on its lease's generation) -----------------------------
+
+
+def _lease(store: RedisEventStore, session_id: str, generation: int, worker_id: str = "worker-a") -> Lease:
+    prefix = store.prefix
+    return Lease(
+        session_id,
+        generation,
+        worker_id=worker_id,
+        owner_key=f"{prefix}{{{session_id}}}:owner",
+        meta_key=f"{prefix}{{{session_id}}}:meta",
+        term=30.0,
+        sent=time.monotonic(),
+        timeout=5.0,
+    )
+
+
+async def _enter(redis_client: Redis, lease: Lease, generation: int, owner: str | None) -> None:
+    """The session's directory as the cluster keeps it: its generation, and who holds the lease."""
+    await redis_client.hset(lease.meta_key, "g", generation)
+    if owner is None:
+        await redis_client.delete(lease.owner_key)
+    else:
+        await redis_client.set(lease.owner_key, owner)
+
+
+async def test_a_fenced_append_goes_through_only_for_the_current_generation(
+    redis_client: Redis, redis_prefix: str
+) -> None:
+    with anyio.fail_after(10):
+        store = RedisEventStore(redis_client, prefix=redis_prefix)
+        lease = _lease(store, SESSION, 1)
+        store.leases = {SESSION: lease}
+        await _enter(redis_client, lease, 1, "worker-a")
+        first = await store.append(SESSION, None, b"mine")
+        await _enter(redis_client, lease, 1, None)  # the lease ran out, nobody took it: no other writer
+        second = await store.append(SESSION, None, b"still mine")
+        assert strictly_increasing([first, second])
+        await _enter(redis_client, lease, 2, "worker-b")  # another worker took the session over
+        with pytest.raises(FencedError) as fenced:
+            await store.append(SESSION, None, b"too late")
+        assert not fenced.value.transient and isinstance(fenced.value, StoreError)
+        assert lease.revoked, "the lease is given up for lost"
+        await _enter(redis_client, lease, 1, "worker-b")  # the same generation, another holder
+        store.leases = {SESSION: _lease(store, SESSION, 1)}
+        with pytest.raises(FencedError):
+            await store.append(SESSION, None, b"not mine")
+        assert payloads(await store.replay(SESSION, BEFORE_FIRST)) == [b"mine", b"still mine"]
+
+
+async def test_a_fenced_append_is_refused_without_a_round_trip_once_its_lease_is_lost(
+    redis_client: Redis, redis_prefix: str
+) -> None:
+    with anyio.fail_after(10):
+        store = RedisEventStore(redis_client, prefix=redis_prefix)
+        store.leases = {}
+        with pytest.raises(FencedError, match="holds no lease"):
+            await store.append(SESSION, None, b"unleased")
+        lease = _lease(store, SESSION, 1)
+        store.leases = {SESSION: lease}
+        await _enter(redis_client, lease, 1, "worker-a")
+        lease.revoke()
+        with pytest.raises(FencedError, match="lost"):
+            await store.append(SESSION, None, b"revoked")
+        assert await store.last_token(SESSION) is None, "nothing reached the log"
+
+
+async def test_a_session_gone_from_redis_fails_a_fenced_append_as_a_store_error(
+    redis_client: Redis, redis_prefix: str
+) -> None:
+    with anyio.fail_after(10):
+        store = RedisEventStore(redis_client, prefix=redis_prefix)
+        lease = _lease(store, SESSION, 1)
+        store.leases = {SESSION: lease}
+        with pytest.raises(StoreError, match="no longer knows") as gone:
+            await store.append(SESSION, None, b"orphan")
+        assert not isinstance(gone.value, FencedError) and not gone.value.transient and not lease.revoked
+        assert await store.last_token(SESSION) is None
+
+
+async def test_a_batch_fences_each_session_by_its_own_lease_in_one_round_trip(
+    redis_client: Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with anyio.fail_after(10):
+        store = RedisEventStore(redis_client, prefix=redis_prefix)
+        mine, theirs = _lease(store, SESSION, 3), _lease(store, OTHER, 1)
+        store.leases = {SESSION: mine, OTHER: theirs}
+        await _enter(redis_client, mine, 3, "worker-a")
+        await _enter(redis_client, theirs, 2, "worker-b")  # OTHER was taken over
+        batch = [
+            _Append(session_id, store.key(session_id), [store.max_events, 60_000, b"", f"{n}".encode()], lease)
+            for n, (session_id, lease) in enumerate([(SESSION, mine), (OTHER, theirs), (SESSION, mine)])
+        ]
+        pipelines: list[bool] = []
+        original = redis_client.pipeline
+
+        def counting(transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+            pipelines.append(transaction)
+            return original(transaction, shard_hint)
+
+        monkeypatch.setattr(redis_client, "pipeline", counting)
+        await store._send(batch)
+        monkeypatch.undo()
+        assert pipelines == [False], "one pipeline, one round trip, for the whole batch"
+        assert [entry.failure is None for entry in batch] == [True, False, True]
+        assert isinstance(batch[1].failure, FencedError)
+        assert payloads(await store.replay(SESSION, BEFORE_FIRST)) == [b"0", b"2"]
+        assert await store.last_token(OTHER) is None
+
+
+async def test_an_append_waits_while_its_lease_lapsed_locally_and_goes_out_once_renewed(
+    redis_client: Redis, redis_prefix: str
+) -> None:
+    with anyio.fail_after(10):
+        store = RedisEventStore(redis_client, prefix=redis_prefix)
+        lease = _lease(store, SESSION, 1)
+        store.leases = {SESSION: lease}
+        await _enter(redis_client, lease, 1, "worker-a")
+        lease.valid_until = time.monotonic()  # as after an event loop stalled past the lease
+        appended: list[str] = []
+
+        async def append() -> None:
+            appended.append(await store.append(SESSION, None, b"after the renewal"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(append)
+            await anyio.wait_all_tasks_blocked()
+            assert appended == [] and await store.last_token(SESSION) is None, "held back"
+            lease.renewed(time.monotonic())
+        assert payloads(await store.replay(SESSION, BEFORE_FIRST)) == [b"after the renewal"]
+        lease.valid_until = time.monotonic()
+        lease.timeout = 0.05  # no renewal comes: given up for lost, nothing sent
+        with pytest.raises(FencedError, match="not renewed"):
+            await store.append(SESSION, None, b"never")
+        assert lease.revoked

@@ -24,7 +24,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_sse_transport import ErrorCode, SseConfig, sse_app
 from mcp_sse_transport.client import resumable_sse_client
 
-from ._cluster import one_request_per_connection, workers
+from ._cluster import Worker, one_request_per_connection, workers
 from ._support import CuttingProxy, RawSseStream, serving
 from .test_faults import fault_server
 from .test_integration import OPEN, initialize
@@ -137,13 +137,21 @@ async def test_a_minute_of_churn_leaves_memory_flat_and_nothing_behind() -> None
     assert not tasks_left, tasks_left
 
 
+def _complaints(started: list[Worker]) -> list[str]:
+    """The workers' warnings and errors, for a failure's message."""
+    lines = (line for worker in started for line in worker.log.decode(errors="replace").splitlines())
+    return [line for line in lines if "WARNING" in line or "ERROR" in line][-30:]
+
+
 async def test_a_minute_of_churn_across_three_workers_two_of_them_killed(redis_url: str, redis_prefix: str) -> None:
     """Three worker processes behind the balancer; streams cut every 50 to 300 ms; a worker
-    killed with SIGKILL at a third and at two thirds of the run. Every call is answered with
-    each progress notification once and in order, or, if its worker died, fails with
-    ``REQUEST_INTERRUPTED`` after a gapless prefix; nothing hangs."""
+    killed with SIGKILL at a third and at two thirds of the run, and one frozen (SIGSTOP) past
+    its leases at a sixth and at a half, then thawed (SIGCONT): its sessions are taken over, and
+    it must not write to them again. Every call is answered with each progress notification
+    once and in order, or, if its worker died or froze, fails with ``REQUEST_INTERRUPTED`` after
+    a gapless prefix; nothing hangs."""
     rng = random.Random(11)
-    counts = {"calls": 0, "interrupted": 0, "events": 0, "cuts": 0, "kills": 0, "failed connects": 0}
+    counts = {"calls": 0, "interrupted": 0, "events": 0, "cuts": 0, "kills": 0, "freezes": 0, "failed connects": 0}
     with anyio.fail_after(SOAK_SECONDS * 3 + 60):
         async with workers(redis_url, redis_prefix, owner_lease=1.0) as started:
             proxy = CuttingProxy([worker.url for worker in started], streams_only=True)
@@ -162,7 +170,7 @@ async def test_a_minute_of_churn_across_three_workers_two_of_them_killed(redis_u
                         assert received == list(range(1, steps + 1)), "exactly once, in order"
                         counts["calls"] += 1
                     else:
-                        assert code == ErrorCode.REQUEST_INTERRUPTED, code
+                        assert code == ErrorCode.REQUEST_INTERRUPTED, (code, _complaints(started))
                         assert received == list(range(1, len(received) + 1)), "a gapless prefix"
                         counts["interrupted"] += 1
                     counts["events"] += len(received)
@@ -180,9 +188,21 @@ async def test_a_minute_of_churn_across_three_workers_two_of_them_killed(redis_u
                         await victim.process.wait()
                         counts["kills"] += 1
 
+                async def freezer() -> None:
+                    await anyio.sleep(SOAK_SECONDS / 6)  # fault injection: when to freeze, not a wait
+                    for _ in range(2):
+                        alive = [worker for worker in started if worker.process.returncode is None]
+                        victim = rng.choice(alive)
+                        victim.process.send_signal(signal.SIGSTOP)
+                        await anyio.sleep(2.5)  # frozen past its 1 s leases: others take its sessions
+                        victim.process.send_signal(signal.SIGCONT)
+                        counts["freezes"] += 1
+                        await anyio.sleep(SOAK_SECONDS / 3 - 2.5)
+
                 async with anyio.create_task_group() as tg:
-                    for task in (calling_client, calling_client, churn.cutter, killer):
+                    for task in (calling_client, calling_client, churn.cutter, killer, freezer):
                         tg.start_soon(task)
     print(f"\ncluster soak: {counts}")
-    assert counts["kills"] == 2 and counts["cuts"] > 0 and counts["calls"] > 0
-    assert counts["interrupted"] <= 2 * counts["kills"], "only calls in flight on a killed worker"
+    assert counts["kills"] == 2 and counts["freezes"] == 2 and counts["cuts"] > 0 and counts["calls"] > 0
+    faults = counts["kills"] + counts["freezes"]
+    assert counts["interrupted"] <= 2 * faults, "only calls in flight on a killed or frozen worker"
