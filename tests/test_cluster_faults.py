@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import uuid4
@@ -233,18 +233,9 @@ async def test_a_killed_pubsub_connection_fails_no_append_and_loses_no_post(
                     async with anyio.create_task_group() as tg:
                         for n in range(10):
                             tg.start_soon(post, n)
-                    answers: dict[int, str] = {}
-                    final: dict[str, Any] | None = None
-                    while final is None or len(answers) < sum(status == 202 for status in statuses.values()):
-                        event = await raw.next_event()
-                        assert event is not None and event.event == "message", "no error event, no end"
-                        body = event.json()
-                        if body.get("method") == "notifications/progress":
-                            progress.append(body["params"]["progress"])
-                        elif body["id"] == 1:
-                            final = body
-                        else:
-                            answers[body["id"] - 100] = body["result"]["content"][0]["text"]
+                    delivered = sum(status == 202 for status in statuses.values())
+                    answered, final = await _answers(raw, progress, lambda answers: len(answers) >= delivered)
+                    answers = {request_id - 100: text for request_id, text in answered.items()}
                     after = await _normal_client_ids(redis)
     finally:
         await redis.aclose()
@@ -305,19 +296,8 @@ async def test_a_channel_that_cannot_subscribe_again_for_a_while_loses_no_post_a
                         if status == 202:
                             break
                     assert status == 202, "delivered once the channels are back"
-                    answers: dict[int, str] = {}
-                    final: dict[str, Any] | None = None
                     expected = {100 + n for n, status in statuses.items() if status == 202} | {200}
-                    while final is None or not expected <= set(answers):
-                        event = await raw.next_event()
-                        assert event is not None and event.event == "message", "no error event, no end"
-                        body = event.json()
-                        if body.get("method") == "notifications/progress":
-                            progress.append(body["params"]["progress"])
-                        elif body["id"] == 1:
-                            final = body
-                        else:
-                            answers[body["id"]] = body["result"]["content"][0]["text"]
+                    answers, final = await _answers(raw, progress, lambda answers: expected <= set(answers))
                     after = await _normal_client_ids(redis)
     finally:
         await redis.aclose()
@@ -329,6 +309,26 @@ async def test_a_channel_that_cannot_subscribe_again_for_a_while_loses_no_post_a
     assert progress == list(range(1, steps + 1)), "every append succeeded: every event, once, in order"
     assert final["result"]["content"][0]["text"] == f"counted {steps} steps"
     assert b"lost this worker's channel" in a.log and b"this worker's channel is" in a.log, "it was back"
+
+
+async def _answers(
+    raw: RawSseStream, progress: list[int], enough: Callable[[dict[int, str]], bool]
+) -> tuple[dict[int, str], dict[str, Any]]:
+    """Read the stream until the countdown call (id 1) has answered and ``enough`` holds of the
+    other calls' answers (their texts by request id); progress goes to ``progress``."""
+    answers: dict[int, str] = {}
+    final: dict[str, Any] | None = None
+    while final is None or not enough(answers):
+        event = await raw.next_event()
+        assert event is not None and event.event == "message", "no error event, no end"
+        body = event.json()
+        if body.get("method") == "notifications/progress":
+            progress.append(body["params"]["progress"])
+        elif body["id"] == 1:
+            final = body
+        else:
+            answers[body["id"]] = body["result"]["content"][0]["text"]
+    return answers, final
 
 
 def _text(value: bytes | str) -> str:

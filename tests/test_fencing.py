@@ -56,14 +56,14 @@ async def _lease_runs_out(redis: Redis, owner_key: str) -> None:
 
 
 @asynccontextmanager
-async def _clients(redis_url: str) -> AsyncIterator[tuple[Redis, Redis]]:
-    """Each worker's own Redis client, as each process would have."""
-    a, b = Redis.from_url(redis_url), Redis.from_url(redis_url)
+async def _workers(redis_url: str, prefix: str) -> AsyncIterator[tuple[Cluster, Cluster]]:
+    """Two workers' directories, each on its own Redis client, as each process would have."""
+    redis_a, redis_b = Redis.from_url(redis_url), Redis.from_url(redis_url)
     try:
-        yield a, b
+        yield _cluster(redis_a, redis_url, prefix), _cluster(redis_b, redis_url, prefix)
     finally:
-        await a.aclose()
-        await b.aclose()
+        await redis_a.aclose()
+        await redis_b.aclose()
 
 
 # -- in one process: two workers' directories ------------------------------------------------------
@@ -73,8 +73,7 @@ async def test_the_old_owner_can_change_nothing_once_another_worker_took_the_ses
     redis_client: Redis, redis_url: str, redis_prefix: str
 ) -> None:
     with anyio.fail_after(20):
-        async with _clients(redis_url) as (redis_a, redis_b):
-            a, b = _cluster(redis_a, redis_url, redis_prefix), _cluster(redis_b, redis_url, redis_prefix)
+        async with _workers(redis_url, redis_prefix) as (a, b):
             await a.register(SESSION, "fp", "secret")
             first = await a.store.append(SESSION, None, b'{"by": "a"}')
             pending = _key(redis_prefix, "pending")
@@ -124,8 +123,7 @@ async def test_a_renewal_never_takes_back_a_lease_another_worker_took_since(
     redis_client: Redis, redis_url: str, redis_prefix: str
 ) -> None:
     with anyio.fail_after(20):
-        async with _clients(redis_url) as (redis_a, redis_b):
-            a, b = _cluster(redis_a, redis_url, redis_prefix), _cluster(redis_b, redis_url, redis_prefix)
+        async with _workers(redis_url, redis_prefix) as (a, b):
             lost: list[tuple[str, bool]] = []
             told = anyio.Event()
 
@@ -153,8 +151,7 @@ async def test_a_takeover_that_wrote_nothing_gives_the_session_back_to_its_owner
     redis_client: Redis, redis_url: str, redis_prefix: str
 ) -> None:
     with anyio.fail_after(20):
-        async with _clients(redis_url) as (redis_a, redis_b):
-            a, b = _cluster(redis_a, redis_url, redis_prefix), _cluster(redis_b, redis_url, redis_prefix)
+        async with _workers(redis_url, redis_prefix) as (a, b):
             meta, owner_key = _key(redis_prefix, "meta"), _key(redis_prefix, "owner")
             await a.register(SESSION, "fp", "secret")  # a's renewals are not running: Redis is away, say
             await _lease_runs_out(redis_client, owner_key)
@@ -179,11 +176,10 @@ async def test_a_lease_runs_out_locally_before_it_can_in_redis(redis_url: str, r
     """Validity is counted from before the command that took the lease was sent, less a margin:
     this worker stops writing before Redis could hand the lease to another."""
     with anyio.fail_after(20):
-        async with _clients(redis_url) as (redis_a, _):
-            a = _cluster(redis_a, redis_url, redis_prefix)
+        async with _workers(redis_url, redis_prefix) as (a, _):
             await a.register(SESSION, "fp", "secret")
             lease = a._leases[SESSION]
-            remaining_in_redis = int(await redis_a.pttl(_key(redis_prefix, "owner"))) / 1000
+            remaining_in_redis = int(await a.redis.pttl(_key(redis_prefix, "owner"))) / 1000
             assert lease.valid()
             assert lease.valid_until - lease.margin - anyio.current_time() < remaining_in_redis
             lease.valid_until = anyio.current_time()  # as after a stall: not renewed in time
@@ -208,8 +204,7 @@ async def test_a_fenced_session_ends_its_stream_at_once_with_nothing_more_writte
     redis_client: Redis, redis_url: str, redis_prefix: str
 ) -> None:
     with anyio.fail_after(20):
-        async with _clients(redis_url) as (redis_a, redis_b):
-            a, b = _cluster(redis_a, redis_url, redis_prefix), _cluster(redis_b, redis_url, redis_prefix)
+        async with _workers(redis_url, redis_prefix) as (a, b):
             await a.register(SESSION, "fp", "secret")
             lease = a.lease(SESSION)
             assert lease is not None

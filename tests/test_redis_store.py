@@ -654,6 +654,14 @@ class _FailingOnce:
 # -- fenced appends (an owner's, conditional on its lease's generation) -----------------------------
 
 
+def _fenced_store(redis_client: Redis, prefix: str) -> tuple[RedisEventStore, Lease]:
+    """A store whose appends for ``SESSION`` are fenced by a lease of generation 1."""
+    store = RedisEventStore(redis_client, prefix=prefix)
+    lease = _lease(store, SESSION, 1)
+    store.leases = {SESSION: lease}
+    return store, lease
+
+
 def _lease(store: RedisEventStore, session_id: str, generation: int, worker_id: str = "worker-a") -> Lease:
     prefix = store.prefix
     return Lease(
@@ -681,9 +689,7 @@ async def test_a_fenced_append_goes_through_only_for_the_current_generation(
     redis_client: Redis, redis_prefix: str
 ) -> None:
     with anyio.fail_after(10):
-        store = RedisEventStore(redis_client, prefix=redis_prefix)
-        lease = _lease(store, SESSION, 1)
-        store.leases = {SESSION: lease}
+        store, lease = _fenced_store(redis_client, redis_prefix)
         await _enter(redis_client, lease, 1, "worker-a")
         first = await store.append(SESSION, None, b"mine")
         await _enter(redis_client, lease, 1, None)  # the lease ran out, nobody took it: no other writer
@@ -722,9 +728,7 @@ async def test_a_session_gone_from_redis_fails_a_fenced_append_as_a_store_error(
     redis_client: Redis, redis_prefix: str
 ) -> None:
     with anyio.fail_after(10):
-        store = RedisEventStore(redis_client, prefix=redis_prefix)
-        lease = _lease(store, SESSION, 1)
-        store.leases = {SESSION: lease}
+        store, lease = _fenced_store(redis_client, redis_prefix)
         with pytest.raises(StoreError, match="no longer knows") as gone:
             await store.append(SESSION, None, b"orphan")
         assert not isinstance(gone.value, FencedError) and not gone.value.transient and not lease.revoked
@@ -765,9 +769,7 @@ async def test_an_append_waits_while_its_lease_lapsed_locally_and_goes_out_once_
     redis_client: Redis, redis_prefix: str
 ) -> None:
     with anyio.fail_after(10):
-        store = RedisEventStore(redis_client, prefix=redis_prefix)
-        lease = _lease(store, SESSION, 1)
-        store.leases = {SESSION: lease}
+        store, lease = _fenced_store(redis_client, redis_prefix)
         await _enter(redis_client, lease, 1, "worker-a")
         lease.valid_until = time.monotonic()  # as after an event loop stalled past the lease
         appended: list[str] = []
