@@ -71,11 +71,12 @@ REFUSED: Final = encode_error(ErrorCode.SUPERSEDED, "A later resume of this sess
 """What a resume that lost its race gets before its stream ends: the session goes on elsewhere."""
 
 
-async def write_refused(sink: Sink, within: float) -> bool:
-    """Tell a resume that a later one won (:data:`REFUSED`); whether it was written in time."""
+async def write_within(sink: Sink, chunk: bytes, within: float) -> bool:
+    """One write outside a session's writer (a refusal, a relay's replay): whether it was
+    written within ``within`` seconds; a failed write counts as not written."""
     with anyio.move_on_after(within) as stalled:
         try:
-            await sink(REFUSED)
+            await sink(chunk)
         except Exception:
             return False
     return not stalled.cancelled_caught
@@ -106,7 +107,7 @@ async def stream_session(
     if claim is not None:
         attachment = await handler.attach_latest(claim)
         if attachment is None:  # a later resume of the session got there first
-            graceful = await write_refused(sink, handler.config.write_timeout)
+            graceful = await write_within(sink, REFUSED, handler.config.write_timeout)
             return await end_stream(scope, send, graceful, handler.config.write_timeout)
     graceful = await handler.run(
         sink, preface=preface, after=after, attachment=attachment, closed=disconnected(receive)

@@ -13,7 +13,7 @@ import itertools
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import StoreError
-from .handler import session_tag
+from .ids import session_tag
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

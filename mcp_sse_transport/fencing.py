@@ -22,6 +22,7 @@ from collections.abc import Callable
 import anyio
 
 from .errors import FencedError
+from .ids import session_tag
 
 __all__ = ["ABANDON", "ACQUIRE", "FENCE_CHECK", "FORGET", "REGISTER", "RELEASE", "REMOVE_PENDING", "RENEW", "Lease"]
 
@@ -165,7 +166,8 @@ class Lease:
         self._on_revoked = on_revoked
 
     def __repr__(self) -> str:
-        return f"<Lease {self.session_id[:8]} generation {self.generation}{' revoked' if self.revoked else ''}>"
+        revoked = " revoked" if self.revoked else ""
+        return f"<Lease {session_tag(self.session_id)} generation {self.generation}{revoked}>"
 
     def valid(self) -> bool:
         """Whether this worker may still write for the session, now."""
@@ -199,7 +201,7 @@ class Lease:
         ``timeout``, which revokes it; unbounded, it waits for as long as the caller lets it."""
         while not self.valid():
             if self.revoked:
-                raise FencedError(f"session {self.session_id[:8]}: this worker's lease is lost")
+                raise FencedError(f"session {session_tag(self.session_id)}: this worker's lease is lost")
             if self._renewed is None:
                 self._renewed = anyio.Event()
             renewed = self._renewed
@@ -210,7 +212,8 @@ class Lease:
                 await renewed.wait()
             if not renewed.is_set():
                 self.revoke()
-                raise FencedError(f"session {self.session_id[:8]}: the lease lapsed and was not renewed in time")
+                tag = session_tag(self.session_id)
+                raise FencedError(f"session {tag}: the lease lapsed and was not renewed in time")
 
     def fence(self) -> tuple[list[str], list[str | int]]:
         """The keys and arguments a fenced script takes after its own: owner key, meta key;

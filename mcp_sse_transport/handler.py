@@ -32,7 +32,7 @@ from .errors import (
 )
 from .events import HEARTBEAT, encode_error, encode_event, encode_message
 from .flow import CreditLedger, Grant
-from .ids import event_id_prefix, new_secret
+from .ids import event_id_prefix, new_secret, session_tag
 from .store import EventStore, InMemoryEventStore, Replay, append_riding_out
 
 __all__ = [
@@ -60,11 +60,6 @@ _YIELD_INTERVAL = 0.001
 REPLAY_PAGE = 500
 """Events read from the store per call while replaying: a quarter of the default replay log, so a
 resume of up to 500 events reads Redis once (pages of 128 made a resume of 1,000 take 13 ms, not 8)."""
-
-
-def session_tag(session_id: str) -> str:
-    """The part of a session id that may appear in logs and statistics (the id is a capability)."""
-    return session_id[:8]
 
 
 async def replay_chunks(

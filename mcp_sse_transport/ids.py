@@ -22,6 +22,7 @@ __all__ = [
     "new_secret",
     "parse_event_id",
     "secret_matches",
+    "session_tag",
 ]
 
 SEEN_REQUEST_IDS = 10_000
@@ -46,6 +47,11 @@ class EventId(NamedTuple):
     """The store's token: the part after the colon."""
     secret: str
     """The session's resume secret: compare it with :func:`secret_matches`, never ``==``."""
+
+
+def session_tag(session_id: str) -> str:
+    """The part of a session id that may appear in logs and statistics (the id is a capability)."""
+    return session_id[:8]
 
 
 def new_secret() -> str:

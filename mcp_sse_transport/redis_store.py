@@ -32,7 +32,7 @@ from redis.typing import EncodableT
 
 from .errors import FencedError, StoreError
 from .fencing import Lease
-from .handler import session_tag
+from .ids import session_tag
 from .store import BEFORE_FIRST, Replay, StoredEvent
 
 __all__ = ["RedisEventStore"]

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import anyio
 
 from .errors import StoreError
+from .ids import session_tag
 
 __all__ = ["BEFORE_FIRST", "EventStore", "InMemoryEventStore", "Replay", "StoredEvent", "append_riding_out"]
 
@@ -207,16 +208,16 @@ async def append_riding_out(
             if failed is not None:  # what of the batch arrived before the failure
                 stored = await store.replay(session_id, after or BEFORE_FIRST, limit=len(pending) + 1)
                 if stored is None:
-                    raise StoreError(f"the log of session {session_id[:8]} is gone") from failed
+                    raise StoreError(f"the log of session {session_tag(session_id)} is gone") from failed
                 arrived = [(event.event, event.data) for event in stored.events]
                 if len(arrived) > len(pending) or arrived != pending[: len(arrived)]:
-                    lost = StoreError(f"the log of session {session_id[:8]} holds events it did not append")
+                    lost = StoreError(f"the log of session {session_tag(session_id)} holds events it did not append")
                     lost.transient = False
                     raise lost from failed
                 tokens += [event.token for event in stored.events]
                 after = stored.events[-1].token if stored.events else after
                 pending = pending[len(arrived) :]
-                logger.info("session %s: the event store answers again", session_id[:8])
+                logger.info("session %s: the event store answers again", session_tag(session_id))
                 failed = None
             tokens += await _append_all(store, session_id, pending)
             return tokens
@@ -224,7 +225,7 @@ async def append_riding_out(
             if not exc.transient or anyio.current_time() + delay > deadline:
                 raise
             if failed is None:
-                logger.warning("session %s: the event store failed (%s); trying again", session_id[:8], exc)
+                logger.warning("session %s: the event store failed (%s); trying again", session_tag(session_id), exc)
             failed = exc
         await anyio.sleep(delay)  # a retry's backoff: nothing to wait on but the clock
         delay = min(delay * 2, 1.0)

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import SSE_HEADERS, disconnected, end_stream, open_stream, stream_session, write_refused
+from ._asgi import REFUSED, SSE_HEADERS, disconnected, end_stream, open_stream, stream_session, write_within
 from .claims import ClaimSequence, LocalClaimSequence, RedisClaimSequence
 from .config import SseConfig
 from .errors import ErrorCode, EventTooLargeError, StoreError
@@ -574,8 +574,11 @@ class SseServerTransport:
         return True
 
     def _unavailable(self, reason: str) -> Response:
-        retry_after = str(max(1, round(self._config.retry_interval)))
-        return Response(reason, status_code=503, headers={"Retry-After": retry_after})
+        return Response(reason, status_code=503, headers=self._retry_after())
+
+    def _retry_after(self) -> dict[str, str]:
+        """``Retry-After``: ``retry_interval`` in whole seconds, at least one."""
+        return {"Retry-After": str(max(1, round(self._config.retry_interval)))}
 
     async def _forget(self, session: _Session) -> None:
         """The session ended here: drop its events and its directory entry, unless another
@@ -953,11 +956,10 @@ class SseServerTransport:
         reply from Redis was lost): it may have been delivered. Safe to send again: a request id
         is delivered once per session."""
         logger.warning("session %s: a POST handed to its owner has an unknown outcome", session_tag(session_id))
-        retry_after = str(max(1, round(self._config.retry_interval)))
         return Response(
             "Outcome unknown: the session's owner may have taken the message",
             status_code=504,
-            headers={"Retry-After": retry_after},
+            headers=self._retry_after(),
         )
 
     async def _clear_own_lease(self, session_id: str) -> None:
@@ -1049,8 +1051,7 @@ class SseServerTransport:
             session = None
         except _Full:  # the client reconnects after the retry hint, to this worker or another
             full = encode_error(ErrorCode.SERVER_SHUTDOWN, "Too many open sessions", retry=self._config.retry_ms)
-            with anyio.move_on_after(self._config.write_timeout), suppress(Exception):
-                await sink(full)
+            await write_within(sink, full, self._config.write_timeout)
             return await end_stream(scope, send, False, self._config.write_timeout)
         if session is None or after is None:
             return await end_stream(scope, send, False, self._config.write_timeout)
@@ -1059,22 +1060,13 @@ class SseServerTransport:
     async def _replay_here(self, sink: Sink, session_id: str, secret: str, token: str, preface: bytes) -> str | None:
         """Write ``preface`` and the stored events after ``token``; returns the last token
         written, or ``None`` if the connection failed."""
-
-        async def write(chunk: bytes) -> bool:
-            with anyio.move_on_after(self._config.write_timeout) as stalled:
-                try:
-                    await sink(chunk)
-                except Exception:
-                    return False
-            return not stalled.cancelled_caught
-
-        if not await write(preface):
+        if not await write_within(sink, preface, self._config.write_timeout):
             return None
         last = token
         async for chunk, _, through in replay_chunks(
             self._store, session_id, event_id_prefix(session_id, secret), token
         ):
-            if not await write(chunk):
+            if not await write_within(sink, chunk, self._config.write_timeout):
                 return None
             last = through
         return last
@@ -1281,7 +1273,7 @@ class SseServerTransport:
                 if attachment is not None:
                     graceful = await handler.run(sink, after=header["a"], attachment=attachment, closed=closed)
                 else:  # a later resume won: this one is told so, through the relay, then ends
-                    graceful = await write_refused(sink, self._config.write_timeout)
+                    graceful = await write_within(sink, REFUSED, self._config.write_timeout)
         finally:
             await self._cluster.end_link(header, graceful)
 
@@ -1302,21 +1294,20 @@ class SseServerTransport:
             session.handed_off = True
             session.handler.abort("another worker serves the session now")
 
+    def _id_too_long_error(self) -> str:
+        """The error object for a request id over ``max_request_id_bytes``."""
+        limit = self._config.max_request_id_bytes
+        return error_body(ErrorCode.INVALID_REQUEST, "Request id too long", {"max_request_id_bytes": limit})
+
     def _id_too_long(self) -> Response:
         """400 with a JSON-RPC error: the id is not echoed (nor remembered), so ``id`` is null."""
-        limit = self._config.max_request_id_bytes
-        error = error_body(ErrorCode.INVALID_REQUEST, "Request id too long", {"max_request_id_bytes": limit})
-        body = f'{{"jsonrpc":"2.0","id":null,"error":{error}}}'
+        body = f'{{"jsonrpc":"2.0","id":null,"error":{self._id_too_long_error()}}}'
         return Response(body, status_code=400, media_type="application/json")
 
     async def _report_id_too_long(self, session: _Session) -> None:
         """The same error on the stream, for clients that drop a POST's answer."""
-        limit = self._config.max_request_id_bytes
         with suppress(*_CLOSED):
-            await session.handler.send(
-                error_body(ErrorCode.INVALID_REQUEST, "Request id too long", {"max_request_id_bytes": limit}),
-                event="error",
-            )
+            await session.handler.send(self._id_too_long_error(), event="error")
 
     async def _report_parse_error(self, session: _Session, body: bytes, err: ValidationError) -> None:
         """Put a parse failure on the stream as well as on the 400: stock clients drop a POST's
