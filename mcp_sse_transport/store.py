@@ -179,6 +179,13 @@ async def _append_all(store: EventStore, session_id: str, batch: Sequence[tuple[
     return [await store.append(session_id, event, data) for event, data in batch]
 
 
+def _permanent(message: str) -> StoreError:
+    """A store failure that trying again cannot mend."""
+    error = StoreError(message)
+    error.transient = False
+    return error
+
+
 async def append_riding_out(
     store: EventStore,
     session_id: str,
@@ -207,13 +214,12 @@ async def append_riding_out(
         try:
             if failed is not None:  # what of the batch arrived before the failure
                 stored = await store.replay(session_id, after or BEFORE_FIRST, limit=len(pending) + 1)
-                if stored is None:
-                    raise StoreError(f"the log of session {session_tag(session_id)} is gone") from failed
+                if stored is None:  # no retry brings it back
+                    raise _permanent(f"the log of session {session_tag(session_id)} is gone") from failed
                 arrived = [(event.event, event.data) for event in stored.events]
                 if len(arrived) > len(pending) or arrived != pending[: len(arrived)]:
-                    lost = StoreError(f"the log of session {session_tag(session_id)} holds events it did not append")
-                    lost.transient = False
-                    raise lost from failed
+                    tag = session_tag(session_id)
+                    raise _permanent(f"the log of session {tag} holds events it did not append") from failed
                 tokens += [event.token for event in stored.events]
                 after = stored.events[-1].token if stored.events else after
                 pending = pending[len(arrived) :]

@@ -623,17 +623,33 @@ async def test_a_log_holding_events_its_session_did_not_append_is_not_tried_agai
         assert not refused.value.transient
 
 
+async def test_a_log_gone_since_the_failure_is_not_tried_again(redis_client: Redis, redis_prefix: str) -> None:
+    """After a failure, what arrived is read back; a log that no longer exists (Redis lost it)
+    cannot come back, so the append fails at once, not after ``within``."""
+    with anyio.fail_after(10):
+        store = RedisEventStore(redis_client, prefix=redis_prefix)
+        before = await store.append(SESSION, None, b"kept")
+        await store.drop(SESSION)
+        failing = _FailingOnce(store)
+        with pytest.raises(StoreError, match="is gone") as refused:
+            await append_riding_out(failing, SESSION, [(None, b"mine")], after=before, within=5)
+        assert not refused.value.transient
+        assert failing.calls == 1, "no append tried again"
+
+
 class _FailingOnce:
     """A store whose first ``append_many`` fails before sending anything (a refused connection)."""
 
     def __init__(self, store: RedisEventStore) -> None:
         self._store = store
         self.failed = False
+        self.calls = 0
 
     async def append(self, session_id: str, event: str | None, data: bytes) -> str:
         return (await self.append_many(session_id, [(event, data)]))[0]
 
     async def append_many(self, session_id: str, events: Sequence[tuple[str | None, bytes]]) -> list[str]:
+        self.calls += 1
         if not self.failed:
             self.failed = True
             raise StoreError("refused")
