@@ -18,17 +18,19 @@ from urllib.parse import parse_qs, urljoin, urlparse
 import anyio
 import anyio.abc
 import httpx2
-import mcp_types as types
-from mcp.shared._context_streams import ContextSendStream, create_context_streams
-from mcp.shared._httpx_utils import (
+
+from ._sdk import (
+    ContextSendStream,
     McpHttpClientFactory,
+    ReadStream,
+    SessionMessage,
+    WriteStream,
+    create_context_streams,
     create_mcp_http_client,
     request_within_origin,
     sse_within_origin,
+    types,
 )
-from mcp.shared._stream_protocols import ReadStream, WriteStream
-from mcp.shared.message import SessionMessage
-
 from .errors import ErrorCode
 
 __all__ = ["resumable_sse_client"]

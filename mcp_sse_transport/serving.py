@@ -12,11 +12,6 @@ from typing import Any, cast
 
 import anyio
 import uvicorn
-from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
-from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
-from mcp.server.lowlevel.server import Server
-from mcp.server.mcpserver import MCPServer
-from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
@@ -25,6 +20,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornH11Protocol
 
 from ._asgi import ABORT_EXTENSION
+from ._sdk import (
+    DEFAULT_MAX_REQUEST_BODY_SIZE,
+    AuthContextMiddleware,
+    BearerAuthBackend,
+    MCPServer,
+    RequireAuthMiddleware,
+    Server,
+    TransportSecuritySettings,
+    lowlevel_server,
+)
 from .config import SseConfig
 from .transport import RequestRejected, SseServerTransport
 
@@ -74,7 +79,7 @@ def sse_app(
             allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
             allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
         )
-    lowlevel = server._lowlevel_server if isinstance(server, MCPServer) else server
+    lowlevel = lowlevel_server(server)
     transport = SseServerTransport(
         message_path,
         security_settings=transport_security,

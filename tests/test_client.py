@@ -352,7 +352,7 @@ class _CutBeforeFirstPost:
         if scope["type"] == "http" and scope["method"] == "POST" and not self.cut:
             self.cut = True
             session_id = Request(scope).query_params["session_id"]
-            session = self.transport._registry.get(session_id)
+            session = self.transport._host.sessions.get(session_id)
             assert session is not None
             self.proxy.cut()
             await session.handler.linger()

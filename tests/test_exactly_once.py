@@ -20,6 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from mcp_sse_transport import ErrorCode, SseConfig, SseServerTransport
+from mcp_sse_transport.redis_backplane import RedisBackplane
 
 from ._cluster import workers
 from ._redis_proxy import Command, RedisProxy
@@ -236,8 +237,9 @@ async def test_a_claim_whose_relaying_worker_died_before_attaching_is_dropped(
     transport = SseServerTransport("/messages/", config=config, server=streaming_server())
     with anyio.fail_after(30):
         async with transport:
-            cluster = transport._cluster
-            assert cluster is not None
+            backplane = transport._backplane
+            assert isinstance(backplane, RedisBackplane)
+            cluster = backplane._cluster
             links = cluster._links = _WatchedLinks()
             # A resume reached another worker, which claimed the session's place here, then died
             # (nobody listens on its channel) before it could attach or detach.
@@ -252,13 +254,14 @@ async def test_a_request_that_settles_unanswered_is_struck_off_by_the_sdks_hook(
 ) -> None:
     app = worker_app(redis_url, redis_prefix)
     transport = app.state.sse_transport
-    cluster = transport._cluster
-    assert cluster is not None
+    backplane = transport._backplane
+    assert isinstance(backplane, RedisBackplane)
+    cluster = backplane._cluster
 
     async def no_strike_off_on_cancel(session: object, message: object) -> None:
         """Only mcp's ``on_request_unanswered`` hook is left to strike the request off."""
 
-    monkeypatch.setattr(transport, "_after_delivery", no_strike_off_on_cancel)
+    monkeypatch.setattr(backplane.ledger, "after_delivery", no_strike_off_on_cancel)
     struck_off = anyio.Event()
     remove_pending = cluster.remove_pending
 

@@ -123,7 +123,7 @@ async def test_a_thousand_sessions_opening_and_closing_at_once_leave_nothing_beh
                     endpoint = await raw.next_event()
                     assert endpoint is not None and endpoint.event == "endpoint"
                     session_id = endpoint.data.split("session_id=")[1]
-                    sessions.append(transport._registry.get(session_id).handler)
+                    sessions.append(transport._host.sessions.get(session_id).handler)
                     opened += 1
 
             limiter = anyio.CapacityLimiter(250)
@@ -133,7 +133,7 @@ async def test_a_thousand_sessions_opening_and_closing_at_once_leave_nothing_beh
             for handler in sessions:  # each returns once its session has ended
                 await handler.linger()
             assert transport.statistics().open_sessions == 0, "every session ended with its connection"
-            assert len(transport._store) == 0, "no replay log left behind"
+            assert len(transport._backplane.store) == 0, "no replay log left behind"
     assert opened == 1000
 
 

@@ -155,7 +155,7 @@ async def test_the_typescript_sdk_client_lands_in_a_working_session_after_a_cut_
 
     async def cut_mid_call(proxy: CuttingProxy) -> None:
         await tools.slow_entered.wait()
-        ((_, old),) = transport._registry.items()
+        ((_, old),) = transport._host.sessions.items()
         old_sessions.append(old)
         proxy.cut()  # the stream drops while the server runs the call
         await old.handler.detached()

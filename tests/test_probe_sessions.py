@@ -46,7 +46,7 @@ def _transport_app() -> tuple[SseServerTransport, Starlette]:
 
 
 def _stored_sessions(transport: SseServerTransport) -> int:
-    store = transport._store
+    store = transport._backplane.store
     assert isinstance(store, InMemoryEventStore)
     return len(store)
 
@@ -69,7 +69,7 @@ class _Registrations:
     never reads to have opened their sessions."""
 
     def __init__(self, transport: SseServerTransport, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._registry = transport._registry
+        self._registry = transport._host.sessions
         self._wanted = 0
         self._reached = anyio.Event()
         add = self._registry.add
@@ -106,7 +106,7 @@ async def test_a_stream_dropped_before_any_post_leaves_no_session_and_no_task_be
                 endpoint = await raw.next_event()
                 assert endpoint is not None and endpoint.event == "endpoint" and endpoint.id is not None
                 session_id = endpoint.data.split("session_id=")[1]
-                session = transport._registry.get(session_id)
+                session = transport._host.sessions.get(session_id)
                 assert session is not None
             with anyio.fail_after(CLEANUP_BOUND):
                 await session.handler.linger()  # returns once the session has ended
@@ -198,7 +198,7 @@ async def test_a_probe_resumed_while_its_connection_is_attached_is_kept_for_a_re
             async with RawSseStream.open(base) as first:
                 endpoint = await first.next_event()
                 assert endpoint is not None and endpoint.id is not None
-                session = transport._registry.get(endpoint.data.split("session_id=")[1])
+                session = transport._host.sessions.get(endpoint.data.split("session_id=")[1])
                 assert session is not None
                 async with RawSseStream.open(base, headers={"Last-Event-ID": endpoint.id}) as second:
                     resumed = await second.next_event()

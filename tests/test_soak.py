@@ -122,11 +122,11 @@ async def test_a_minute_of_churn_leaves_memory_flat_and_nothing_behind() -> None
                     for task in (raw_churn, raw_churn, calling_client, calling_client, churn.cutter, sampler):
                         tg.start_soon(task)
             # Every session ends within its grace period once its clients are gone.
-            for _, session in list(transport._registry.items()):
+            for _, session in list(transport._host.sessions.items()):
                 await session.handler.linger()
             assert transport.statistics().open_sessions == 0
     # The server has stopped, so every session's own task has finished its clean-up.
-    assert len(transport._store) == 0, "no replay log left behind"
+    assert len(transport._backplane.store) == 0, "no replay log left behind"
     tasks_left = asyncio.all_tasks() - tasks_at_start
     warm = samples[len(samples) // 4 :]
     assert len(warm) >= 10, "too short to judge memory: run the soak for at least 15 s"

@@ -1,0 +1,205 @@
+"""The one module that knows the MCP SDK: every import of it, and every version-specific detail.
+
+Stream types, message (de)serialization, server wiring, auth context and the SDK's HTTP helpers
+are reached through here, so supporting another SDK release changes this module alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mcp_types as types
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, auth_context_var
+from mcp.server.auth.middleware.bearer_auth import (
+    AuthenticatedUser,
+    BearerAuthBackend,
+    RequireAuthMiddleware,
+    authorization_context,
+)
+from mcp.server.auth.provider import AccessToken
+from mcp.server.lowlevel.server import Server
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import (
+    DEFAULT_MAX_REQUEST_BODY_SIZE,
+    RequestBodyLimitMiddleware,
+    TransportSecurityMiddleware,
+    TransportSecuritySettings,
+)
+from mcp.shared._context_streams import ContextReceiveStream, ContextSendStream, create_context_streams
+from mcp.shared._httpx_utils import (
+    McpHttpClientFactory,
+    create_mcp_http_client,
+    request_within_origin,
+    sse_within_origin,
+)
+from mcp.shared._stream_protocols import ReadStream, WriteStream
+from mcp.shared.message import ServerMessageMetadata, SessionMessage
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from pydantic import ValidationError
+from starlette.authentication import BaseUser
+from starlette.requests import Request
+from starlette.types import Scope
+
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BODY_SIZE",
+    "AuthContextMiddleware",
+    "BearerAuthBackend",
+    "ContextReceiveStream",
+    "ContextSendStream",
+    "Inbound",
+    "MCPServer",
+    "McpHttpClientFactory",
+    "ReadStream",
+    "RequestBodyLimitMiddleware",
+    "RequireAuthMiddleware",
+    "Server",
+    "SessionMessage",
+    "TransportSecurityMiddleware",
+    "TransportSecuritySettings",
+    "ValidationError",
+    "WriteStream",
+    "answered_id",
+    "auth_context",
+    "create_context_streams",
+    "create_mcp_http_client",
+    "dump",
+    "ended_streams",
+    "forwarded_user",
+    "jsonrpc_error",
+    "lowlevel_server",
+    "metadata",
+    "owner_fingerprint",
+    "parse",
+    "request_within_origin",
+    "restored_handshake",
+    "serialize",
+    "speaks_handshake",
+    "sse_within_origin",
+    "types",
+    "user_token",
+]
+
+Inbound = ContextSendStream[SessionMessage | Exception]
+"""The sending end of an SDK server's read stream."""
+
+RESTORED_REQUEST_ID = "mcp-sse-transport/restore"
+"""The id of a restored session's synthetic ``initialize``, whose response is swallowed."""
+
+
+def server_streams() -> tuple[Inbound, ContextReceiveStream[SessionMessage | Exception]]:
+    """A server run's read stream and the end the transport sends POSTed messages into."""
+    return create_context_streams[SessionMessage | Exception](0)
+
+
+def ended_streams() -> tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]:
+    """Streams for a ``Server.run`` that has nothing to serve: reads end, writes are refused."""
+    inbound, read_stream = server_streams()
+    write_stream, outbound = create_context_streams[SessionMessage](0)
+    inbound.close()
+    outbound.close()
+    return read_stream, write_stream
+
+
+def lowlevel_server(server: MCPServer[Any] | Server[Any]) -> Server[Any]:
+    """The lowlevel ``Server`` that runs a session, of an ``MCPServer`` or itself."""
+    return server._lowlevel_server if isinstance(server, MCPServer) else server
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+def parse(body: bytes | str) -> types.JSONRPCMessage:
+    """A POSTed JSON-RPC message; raises :class:`ValidationError` when it is not one."""
+    return types.jsonrpc_message_adapter.validate_json(body, by_name=False)
+
+
+def serialize(message: types.JSONRPCMessage) -> bytes:
+    """Bytes straight from pydantic-core: what ``model_dump_json`` does, without the str round
+    trip. Raises ValueError or TypeError for a message that cannot be serialized."""
+    return message.__pydantic_serializer__.to_json(message, by_alias=True, exclude_unset=True)
+
+
+def dump(message: types.JSONRPCMessage) -> str:
+    return message.model_dump_json(by_alias=True, exclude_unset=True)
+
+
+def jsonrpc_error(request_id: types.RequestId, message: str, code: int) -> types.JSONRPCError:
+    return types.JSONRPCError(jsonrpc="2.0", id=request_id, error=types.ErrorData(code=code, message=message))
+
+
+def answered_id(message: types.JSONRPCMessage) -> types.RequestId | None:
+    """The id a response or error answers; ``None`` for requests and notifications."""
+    return message.id if isinstance(message, types.JSONRPCResponse | types.JSONRPCError) else None
+
+
+def speaks_handshake(version: str) -> bool:
+    """Whether the SDK negotiates ``version`` through ``initialize``."""
+    return version in HANDSHAKE_PROTOCOL_VERSIONS
+
+
+def restored_handshake(version: str) -> tuple[types.JSONRPCRequest, types.JSONRPCNotification]:
+    """The ``initialize`` and ``notifications/initialized`` of a restored session: the client's
+    protocol version; no capabilities (the server must not ask it for roots, sampling or
+    elicitation it may not have); a client info that says the session was restored."""
+    client_info = {"name": "mcp-sse-transport-restored-session", "version": "0"}
+    params = {"protocolVersion": version, "capabilities": {}, "clientInfo": client_info}
+    initialize = types.JSONRPCRequest(jsonrpc="2.0", id=RESTORED_REQUEST_ID, method="initialize", params=params)
+    return initialize, types.JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized")
+
+
+def metadata(request: Request, on_unanswered: Callable[[], Awaitable[None]] | None = None) -> ServerMessageMetadata:
+    """A POSTed message's metadata: its HTTP request, and what runs if a request settles
+    without an answer (cancelled: mcp 2.x never answers it)."""
+    result = ServerMessageMetadata(request_context=request)
+    if on_unanswered is not None:
+        result.on_request_unanswered = on_unanswered
+    return result
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+
+def owner_fingerprint(scope: Scope) -> str:
+    """A fingerprint of the request's credential ("" when anonymous): a session answers only the
+    principal that opened it, on any worker. The SDK's bearer auth fingerprints its token's
+    client, scopes and claims; any other Starlette authentication, its user's class and identity."""
+    user = scope.get("user")
+    if isinstance(user, AuthenticatedUser):
+        principal: Any = authorization_context(user)
+    elif isinstance(user, BaseUser) and user.is_authenticated:
+        try:
+            identity = user.identity
+        except NotImplementedError:  # BaseUser's default: the display name is what it has
+            identity = user.display_name
+        principal = {"user": f"{type(user).__module__}.{type(user).__qualname__}", "identity": identity}
+    else:
+        return ""
+    return hashlib.sha256(json.dumps(principal, sort_keys=True).encode()).hexdigest()
+
+
+def user_token(scope: Scope) -> dict[str, Any] | None:
+    """The SDK bearer token of the request's user, as JSON, for a worker to rebuild the user."""
+    user = scope.get("user")
+    return user.access_token.model_dump(mode="json") if isinstance(user, AuthenticatedUser) else None
+
+
+def forwarded_user(token: dict[str, Any]) -> AuthenticatedUser:
+    """The user :func:`user_token` describes."""
+    return AuthenticatedUser(AccessToken.model_validate(token))
+
+
+@contextmanager
+def auth_context(scope: Scope) -> Iterator[None]:
+    """The SDK's auth context for the request's user, as its ``AuthContextMiddleware`` sets it,
+    for a POST handed over by another worker."""
+    user = scope.get("user")
+    token = auth_context_var.set(user) if isinstance(user, AuthenticatedUser) else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            auth_context_var.reset(token)

@@ -1,0 +1,98 @@
+"""The request ledger: which request ids a session accepted, and which still wait for an answer.
+
+One protocol, two ledgers: in memory (one worker: the ids seen, nothing else to keep) and in
+Redis (:mod:`mcp_sse_transport.redis_ledger`: the ids, the unanswered requests and the handshake,
+for a worker that takes the session over).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+from ._sdk import types
+from .session import SeenIds, Session
+
+__all__ = ["Admission", "MemoryRequestLedger", "RequestLedger"]
+
+
+class Admission(Protocol):
+    """One POST's attempt to hand a message to its session's server."""
+
+    async def record(self) -> bool | None:
+        """Note the message in the ledger: False for a request id the session accepted before
+        (MCP forbids reuse: a POST sent again), ``None`` when it has too many unanswered, True
+        otherwise. Raises :class:`~mcp_sse_transport.errors.StoreError`: not delivered."""
+        ...
+
+    def delivered(self) -> None:
+        """The server has the message."""
+        ...
+
+
+class RequestLedger(Protocol):
+    def admit(
+        self, session: Session, message: types.JSONRPCMessage, body: bytes
+    ) -> AbstractAsyncContextManager[Admission]:
+        """An attempt to deliver ``message`` (``body`` as POSTed): recorded by the caller, then
+        either delivered or not when the context ends (an undelivered record is undone)."""
+        ...
+
+    async def record_restored(
+        self, session: Session, initialize: types.JSONRPCRequest, initialized: types.JSONRPCNotification
+    ) -> None:
+        """Keep a restored session's replayed handshake, as a POSTed one is kept. Raises StoreError."""
+        ...
+
+    async def answered(self, session: Session, request_id: types.RequestId) -> None:
+        """The server sent its answer to ``request_id`` into the session's stream."""
+        ...
+
+    def on_unanswered(self, session: Session, message: types.JSONRPCMessage) -> Callable[[], Awaitable[None]] | None:
+        """What runs if a delivered request settles without an answer (it was cancelled)."""
+        ...
+
+    async def after_delivery(self, session: Session, message: types.JSONRPCMessage) -> None:
+        """The server has ``message`` (a ``notifications/cancelled``: its request gets no answer)."""
+        ...
+
+
+class _Recorded:
+    __slots__ = ("_message", "_session")
+
+    def __init__(self, session: Session, message: types.JSONRPCMessage) -> None:
+        self._session = session
+        self._message = message
+
+    async def record(self) -> bool | None:
+        if not isinstance(self._message, types.JSONRPCRequest):
+            return True
+        if self._session.seen is None:
+            self._session.seen = SeenIds()
+        return self._session.seen.add(self._message.id)
+
+    def delivered(self) -> None:
+        pass
+
+
+class MemoryRequestLedger:
+    """One worker's ledger: the last ids each session accepted, kept with the session."""
+
+    @asynccontextmanager
+    async def admit(self, session: Session, message: types.JSONRPCMessage, body: bytes) -> AsyncIterator[Admission]:
+        yield _Recorded(session, message)
+
+    async def record_restored(
+        self, session: Session, initialize: types.JSONRPCRequest, initialized: types.JSONRPCNotification
+    ) -> None:
+        pass  # nobody else replays it
+
+    async def answered(self, session: Session, request_id: types.RequestId) -> None:
+        pass  # unanswered requests matter to a takeover only
+
+    def on_unanswered(self, session: Session, message: types.JSONRPCMessage) -> Callable[[], Awaitable[None]] | None:
+        return None
+
+    async def after_delivery(self, session: Session, message: types.JSONRPCMessage) -> None:
+        pass
