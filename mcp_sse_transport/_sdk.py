@@ -21,6 +21,11 @@ from mcp.server.auth.middleware.bearer_auth import (
     authorization_context,
 )
 from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.routes import (
+    build_resource_metadata_url,
+    create_auth_routes,
+    create_protected_resource_routes,
+)
 from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import (
@@ -41,13 +46,14 @@ from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.authentication import BaseUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
-from starlette.types import Scope
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Scope
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BODY_SIZE",
-    "AuthContextMiddleware",
-    "BearerAuthBackend",
     "ContextReceiveStream",
     "ContextSendStream",
     "Inbound",
@@ -55,7 +61,6 @@ __all__ = [
     "McpHttpClientFactory",
     "ReadStream",
     "RequestBodyLimitMiddleware",
-    "RequireAuthMiddleware",
     "Server",
     "SessionMessage",
     "TransportSecurityMiddleware",
@@ -77,6 +82,8 @@ __all__ = [
     "request_within_origin",
     "restored_handshake",
     "serialize",
+    "server_streams",
+    "server_wiring",
     "speaks_handshake",
     "sse_within_origin",
     "types",
@@ -203,3 +210,53 @@ def auth_context(scope: Scope) -> Iterator[None]:
     finally:
         if token is not None:
             auth_context_var.reset(token)
+
+
+# -- server wiring -------------------------------------------------------------------------------
+
+
+def server_wiring(
+    server: MCPServer[Any] | Server[Any], sse_endpoint: ASGIApp, post_endpoint: ASGIApp
+) -> tuple[ASGIApp, ASGIApp, list[BaseRoute], list[Middleware]]:
+    """An ``MCPServer``'s auth settings and routes, wired as its own ``sse_app()`` does: the two
+    endpoints (behind ``RequireAuthMiddleware`` when it verifies tokens), the routes to add after
+    them (auth server, protected resource metadata, custom routes) and the app's middleware."""
+    routes: list[BaseRoute] = []
+    middleware: list[Middleware] = []
+    if not isinstance(server, MCPServer):
+        return sse_endpoint, post_endpoint, routes, middleware
+    auth = server.settings.auth
+    verifier = server._token_verifier
+    if auth is not None and server._auth_server_provider is not None:
+        routes += create_auth_routes(
+            provider=server._auth_server_provider,
+            issuer_url=auth.issuer_url,
+            service_documentation_url=auth.service_documentation_url,
+            client_registration_options=auth.client_registration_options,
+            revocation_options=auth.revocation_options,
+            identity_assertion_enabled=auth.identity_assertion_enabled,
+        )
+    if verifier is not None:
+        resource_url = auth.resource_server_url if auth is not None else None
+        middleware = [
+            Middleware(
+                AuthenticationMiddleware,
+                backend=BearerAuthBackend(
+                    verifier,
+                    resource_server_url=resource_url if auth is not None and auth.validate_token_resource else None,
+                ),
+            ),
+            Middleware(AuthContextMiddleware),
+        ]
+        metadata_url = build_resource_metadata_url(resource_url) if resource_url is not None else None
+        scopes = (auth.required_scopes if auth is not None else None) or []
+        sse_endpoint = RequireAuthMiddleware(sse_endpoint, scopes, metadata_url)
+        post_endpoint = RequireAuthMiddleware(post_endpoint, scopes, metadata_url)
+    if auth is not None and auth.resource_server_url is not None:
+        routes += create_protected_resource_routes(
+            resource_url=auth.resource_server_url,
+            authorization_servers=[auth.issuer_url],
+            scopes_supported=auth.required_scopes,
+        )
+    routes += server._custom_starlette_routes
+    return sse_endpoint, post_endpoint, routes, middleware

@@ -12,9 +12,6 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import StoreError
-from .ids import session_tag
-
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
@@ -68,12 +65,8 @@ class RedisClaimSequence:
         return f"{self._prefix}{{{session_id}}}:claims"
 
     async def next(self, session_id: str) -> int:
-        from redis.exceptions import RedisError
+        from .redis_errors import redis_errors
 
         meta = f"{self._prefix}{{{session_id}}}:meta"
-        try:
-            number = int(await self._script([self.key(session_id), meta], [self._keep_ms]))
-        except (RedisError, OSError) as exc:
-            tag = session_tag(session_id)
-            raise StoreError(f"taking a resume's place in line for session {tag} failed: {exc}") from exc
-        return number
+        with redis_errors("taking a resume's place in line", session_id):
+            return int(await self._script([self.key(session_id), meta], [self._keep_ms]))

@@ -27,12 +27,13 @@ from typing import Any, NoReturn
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
 from .errors import FencedError, StoreError
 from .fencing import Lease
 from .ids import session_tag
+from .redis_errors import REDIS_FAILURES, store_error
 from .store import BEFORE_FIRST, Replay, StoredEvent
 
 __all__ = ["RedisEventStore"]
@@ -168,11 +169,7 @@ class RedisEventStore:
         return f"{self.prefix}{{{session_id}}}:events"
 
     def _fail(self, operation: str, session_id: str, exc: BaseException) -> NoReturn:
-        """Raise ``exc`` as a :class:`StoreError` whose message never holds the whole session id
-        (a bearer capability): some Redis errors echo the key."""
-        tag = session_tag(session_id)
-        detail = str(exc).replace(session_id, f"{tag}…") or type(exc).__name__
-        raise StoreError(f"{operation} for session {tag} failed: {detail}") from exc
+        raise store_error(operation, session_id, exc) from exc
 
     def _min_id(self) -> str:
         """Entries with smaller ids than this (their Redis time, in ms) are older than ``max_age``."""
@@ -315,7 +312,7 @@ class RedisEventStore:
                 pipe.xinfo_stream(key)
                 pipe.xrange(key, min=start, max=end, count=limit)
                 exists, trimmed, info, entries = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._fail("replay", session_id, exc)
         if not exists:
             return Replay([], gap=False) if after == BEFORE_FIRST else None
@@ -351,14 +348,14 @@ class RedisEventStore:
         """Drop the events older than ``max_age`` now (``XTRIM MINID``, exact)."""
         try:
             await self.redis.xtrim(self.key(session_id), minid=self._min_id(), approximate=False)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._fail("trim", session_id, exc)
 
     async def drop(self, session_id: str) -> None:
         """Delete the session's stream."""
         try:
             await self.redis.delete(self.key(session_id))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._fail("drop", session_id, exc)
 
     async def last_token(self, session_id: str) -> str | None:
@@ -371,7 +368,7 @@ class RedisEventStore:
                 pipe.exists(key)
                 pipe.xinfo_stream(key)
                 exists, info = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._fail("last_token", session_id, exc)
         if not exists:
             return None

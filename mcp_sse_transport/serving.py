@@ -13,22 +13,18 @@ from typing import Any, cast
 import anyio
 import uvicorn
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornH11Protocol
 
 from ._asgi import ABORT_EXTENSION
 from ._sdk import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
-    AuthContextMiddleware,
-    BearerAuthBackend,
     MCPServer,
-    RequireAuthMiddleware,
     Server,
     TransportSecuritySettings,
     lowlevel_server,
+    server_wiring,
 )
 from .config import SseConfig
 from .transport import RequestRejected, SseServerTransport
@@ -89,55 +85,8 @@ def sse_app(
     )
     sse_endpoint: ASGIApp = _SseEndpoint(transport, lowlevel)
     post_endpoint: ASGIApp = transport.handle_post_message
-    routes: list[BaseRoute] = []
-    middleware: list[Middleware] = []
-
-    if isinstance(server, MCPServer):
-        auth = server.settings.auth
-        verifier = server._token_verifier
-        if auth is not None and server._auth_server_provider is not None:
-            from mcp.server.auth.routes import create_auth_routes
-
-            routes += create_auth_routes(
-                provider=server._auth_server_provider,
-                issuer_url=auth.issuer_url,
-                service_documentation_url=auth.service_documentation_url,
-                client_registration_options=auth.client_registration_options,
-                revocation_options=auth.revocation_options,
-                identity_assertion_enabled=auth.identity_assertion_enabled,
-            )
-        if verifier is not None:
-            resource_url = auth.resource_server_url if auth is not None else None
-            middleware = [
-                Middleware(
-                    AuthenticationMiddleware,
-                    backend=BearerAuthBackend(
-                        verifier,
-                        resource_server_url=resource_url if auth is not None and auth.validate_token_resource else None,
-                    ),
-                ),
-                Middleware(AuthContextMiddleware),
-            ]
-            metadata_url = None
-            if resource_url is not None:
-                from mcp.server.auth.routes import build_resource_metadata_url
-
-                metadata_url = build_resource_metadata_url(resource_url)
-            scopes = (auth.required_scopes if auth is not None else None) or []
-            sse_endpoint = RequireAuthMiddleware(sse_endpoint, scopes, metadata_url)
-            post_endpoint = RequireAuthMiddleware(post_endpoint, scopes, metadata_url)
-        if auth is not None and auth.resource_server_url is not None:
-            from mcp.server.auth.routes import create_protected_resource_routes
-
-            routes += create_protected_resource_routes(
-                resource_url=auth.resource_server_url,
-                authorization_servers=[auth.issuer_url],
-                scopes_supported=auth.required_scopes,
-            )
-
+    sse_endpoint, post_endpoint, routes, middleware = server_wiring(server, sse_endpoint, post_endpoint)
     routes[:0] = [Route(sse_path, endpoint=sse_endpoint, methods=["GET"]), Mount(message_path, app=post_endpoint)]
-    if isinstance(server, MCPServer):
-        routes += server._custom_starlette_routes
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

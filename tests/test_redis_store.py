@@ -7,9 +7,7 @@ pause a server start one of their own (``redis_process``).
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from uuid import uuid4
 
@@ -27,7 +25,6 @@ from mcp_sse_transport.fencing import Lease
 from mcp_sse_transport.handler import session_tag
 from mcp_sse_transport.ids import format_event_id, parse_event_id
 from mcp_sse_transport.redis_store import RedisEventStore, _Append
-from mcp_sse_transport.store import append_riding_out
 
 from ._handlers import parse, quiet_config
 from ._redis import RedisProcess
@@ -542,129 +539,6 @@ async def test_session_handler_accounts_for_events_in_flight_and_sent_during_a_r
             assert [event.data for event in parse(second_sink.data)] == [f"e{n}" for n in range(1, 20)]
     finally:
         await client.aclose()
-
-
-class _Retrying(logging.Handler):
-    """Sets ``seen`` when the store reports a failure it will try again."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = anyio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "trying again" in record.getMessage():
-            self.seen.set()
-
-
-@pytest.fixture
-def retrying() -> Iterator[_Retrying]:
-    handler = _Retrying()
-    logger = logging.getLogger("mcp_sse_transport")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-
-
-async def test_a_stalled_store_is_ridden_out_and_nothing_is_stored_twice(
-    redis_process: RedisProcess, retrying: _Retrying
-) -> None:
-    """Redis stops answering with a batch in flight (its reply is lost, though Redis runs it once
-    it wakes): the batch is tried again, and what arrived is read back, not appended twice."""
-    client = Redis.from_url(redis_process.url, socket_connect_timeout=0.3, socket_timeout=0.3)
-    try:
-        with anyio.fail_after(20):
-            store = RedisEventStore(client, prefix="stall:")
-            first = await append_riding_out(store, SESSION, [(None, b"a"), (None, b"b")], after=None, within=5)
-            batch = [("message", f"e{n}".encode()) for n in range(5)]
-            async with anyio.create_task_group() as tg:
-                tokens: list[str] = []
-
-                async def append() -> None:
-                    tokens.extend(await append_riding_out(store, SESSION, batch, after=first[-1], within=10))
-
-                redis_process.pause()
-                tg.start_soon(append)
-                await retrying.seen.wait()
-                redis_process.resume()
-            stored = await store.replay(SESSION, BEFORE_FIRST)
-            assert stored is not None
-            assert [(e.event, e.data) for e in stored.events] == [(None, b"a"), (None, b"b"), *batch]
-            assert tokens == [e.token for e in stored.events[2:]]
-    finally:
-        await client.aclose()
-
-
-async def test_a_store_down_longer_than_the_grace_fails_with_the_last_error(redis_process: RedisProcess) -> None:
-    client = unreachable_client(redis_process)
-    try:
-        with anyio.fail_after(10):
-            store = RedisEventStore(client, prefix="down:")
-            redis_process.kill()
-            with pytest.raises(StoreError) as failed:
-                await append_riding_out(store, SESSION, [(None, b"x")], after=None, within=0.5)
-            assert failed.value.transient
-    finally:
-        await client.aclose()
-
-
-async def test_a_log_holding_events_its_session_did_not_append_is_not_tried_again(
-    redis_client: Redis, redis_prefix: str
-) -> None:
-    """After a failure, what arrived is read back; a log that does not match (another writer)
-    is a failure no retry can mend."""
-    with anyio.fail_after(10):
-        store = RedisEventStore(redis_client, prefix=redis_prefix)
-        await store.append(SESSION, None, b"someone else's")
-        failing = _FailingOnce(store)
-        with pytest.raises(StoreError, match="did not append") as refused:
-            await append_riding_out(failing, SESSION, [(None, b"mine")], after=None, within=5)
-        assert not refused.value.transient
-
-
-async def test_a_log_gone_since_the_failure_is_not_tried_again(redis_client: Redis, redis_prefix: str) -> None:
-    """After a failure, what arrived is read back; a log that no longer exists (Redis lost it)
-    cannot come back, so the append fails at once, not after ``within``."""
-    with anyio.fail_after(10):
-        store = RedisEventStore(redis_client, prefix=redis_prefix)
-        before = await store.append(SESSION, None, b"kept")
-        await store.drop(SESSION)
-        failing = _FailingOnce(store)
-        with pytest.raises(StoreError, match="is gone") as refused:
-            await append_riding_out(failing, SESSION, [(None, b"mine")], after=before, within=5)
-        assert not refused.value.transient
-        assert failing.calls == 1, "no append tried again"
-
-
-class _FailingOnce:
-    """A store whose first ``append_many`` fails before sending anything (a refused connection)."""
-
-    def __init__(self, store: RedisEventStore) -> None:
-        self._store = store
-        self.failed = False
-        self.calls = 0
-
-    async def append(self, session_id: str, event: str | None, data: bytes) -> str:
-        return (await self.append_many(session_id, [(event, data)]))[0]
-
-    async def append_many(self, session_id: str, events: Sequence[tuple[str | None, bytes]]) -> list[str]:
-        self.calls += 1
-        if not self.failed:
-            self.failed = True
-            raise StoreError("refused")
-        return await self._store.append_many(session_id, events)
-
-    async def replay(
-        self, session_id: str, after: str, until: str | None = None, *, limit: int | None = None
-    ) -> Replay | None:
-        return await self._store.replay(session_id, after, until, limit=limit)
-
-    async def trim(self, session_id: str) -> None:
-        await self._store.trim(session_id)
-
-    async def drop(self, session_id: str) -> None:
-        await self._store.drop(session_id)
 
 
 # -- fenced appends (an owner's, conditional on its lease's generation) -----------------------------

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
-import anyio.lowlevel
 import pytest
 
 from mcp_sse_transport import ErrorCode, SessionHandler, SessionRegistry, SessionState
@@ -28,10 +27,11 @@ def make_handler(session_id: str, **overrides: object) -> SessionHandler:
     return SessionHandler(session_id, quiet_config(**overrides))
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Wait for a condition that other tasks make true (no clock involved)."""
-    while not condition():
-        await anyio.lowlevel.checkpoint()
+async def settled(condition: Callable[[], bool]) -> None:
+    """Wait until every other task is blocked (nothing left to run that could change the state),
+    then require ``condition``: what the other tasks were to make true must be true by then."""
+    await anyio.wait_all_tasks_blocked()
+    assert condition()
 
 
 class GatedSink:
@@ -110,9 +110,9 @@ async def test_statistics_aggregate() -> None:
             tg.start_soon(three.run, sink)
             await three.send("x")
             await three.send("y")
-            await wait_until(lambda: three.statistics().events_sent == 2)
+            await settled(lambda: three.statistics().events_sent == 2)
             tg.start_soon(two.send, "waits")  # two's buffer is full and nothing drains it
-            await wait_until(lambda: two.statistics().producers_waiting == 1)
+            await settled(lambda: two.statistics().producers_waiting == 1)
 
             stats = registry.statistics()
             assert stats.open_sessions == 3
@@ -142,17 +142,17 @@ async def test_shutdown_closes_every_handler_concurrently() -> None:
             graceful.append(await handler.run(sink))
 
         async def open_gates_once_all_are_closing() -> None:
-            await wait_until(lambda: all(h.state is SessionState.CLOSING for h in handlers))
+            await settled(lambda: all(h.state is SessionState.CLOSING for h in handlers))
             for sink in sinks:
                 sink.gate.set()
 
         async with anyio.create_task_group() as tg:
             for handler, sink in zip(handlers, sinks, strict=True):
                 tg.start_soon(run, handler, sink)
-            await wait_until(lambda: all(h.attached for h in handlers))
+            await settled(lambda: all(h.attached for h in handlers))
             for handler in handlers:
                 await handler.send(f"pending for {handler.tag}")
-            await wait_until(lambda: all(sink.chunks for sink in sinks))  # every stream has a write in flight
+            await settled(lambda: all(sink.chunks for sink in sinks))  # every stream has a write in flight
             tg.start_soon(open_gates_once_all_are_closing)
             await registry.shutdown()
             assert registry.shutting_down
