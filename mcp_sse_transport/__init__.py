@@ -17,11 +17,12 @@ from .errors import (
 )
 from .events import encode_comment, encode_error, encode_event
 from .flow import CreditLedger, Grant, GrantState
-from .handler import Attachment, SessionHandler, SessionState, SessionStatistics
+from .handler import Attachment, SessionHandler
 from .ids import EventId, format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
 from .serving import H11Protocol, run, sse_app, uvicorn_server
 from .store import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay, StoredEvent
+from .stream_state import SessionState, SessionStatistics
 from .transport import RequestRejected, SseServerTransport
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The backplane: what a worker's session host needs of the other workers, behind one protocol.
 
 :class:`LocalBackplane` is one worker alone: it serves every session it holds, and no other.
-:class:`~mcp_sse_transport.redis_backplane.RedisBackplane` shares sessions through Redis: any
+:class:`~mcp_sse_transport.cluster.RedisBackplane` shares sessions through Redis: any
 worker serves any request, and a dead worker's sessions are taken over. Front ends and the
 session host call the backplane and never ask which one it is.
 """

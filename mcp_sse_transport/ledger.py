@@ -1,7 +1,7 @@
 """The request ledger: which request ids a session accepted, and which still wait for an answer.
 
 One protocol, two ledgers: in memory (one worker: the ids seen, nothing else to keep) and in
-Redis (:mod:`mcp_sse_transport.redis_ledger`: the ids, the unanswered requests and the handshake,
+Redis (:mod:`mcp_sse_transport.cluster.ledger`: the ids, the unanswered requests and the handshake,
 for a worker that takes the session over).
 """
 

@@ -111,6 +111,10 @@ class H11Protocol(_UvicornH11Protocol):
     mcp_sse_transport.serving:H11Protocol`` installs it; ``uvicorn_server`` and ``run`` do so.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _redact_access_log()  # for ``uvicorn --http``, which calls neither uvicorn_server nor run
+
     def handle_events(self) -> None:
         super().handle_events()
         if self.cycle is not None:
@@ -162,6 +166,12 @@ class _RedactSessionIds(logging.Filter):
 _redact_session_ids = _RedactSessionIds()
 
 
+def _redact_access_log() -> None:
+    access_log = logging.getLogger("uvicorn.access")
+    if _redact_session_ids not in access_log.filters:
+        access_log.addFilter(_redact_session_ids)
+
+
 class _Server(uvicorn.Server):
     """Drains every SSE stream as uvicorn starts shutting down, instead of after it waited for
     them (uvicorn runs the lifespan shutdown only once all connections have ended)."""
@@ -193,9 +203,7 @@ def uvicorn_server(
     transport = getattr(app.state, "sse_transport", None)
     uvicorn_options.setdefault("http", H11Protocol)
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
-    access_log = logging.getLogger("uvicorn.access")
-    if _redact_session_ids not in access_log.filters:
-        access_log.addFilter(_redact_session_ids)
+    _redact_access_log()
     return _Server(uvicorn_config, transport)
 
 

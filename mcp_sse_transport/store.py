@@ -148,7 +148,7 @@ class InMemoryEventStore:
         log = self._logs.get(session_id)
         if log is None and after == BEFORE_FIRST:
             return Replay([], gap=False)
-        if log is None or not after.isdigit() or len(after) > 20:
+        if log is None or not _is_token(after) or (until is not None and not _is_token(until)):
             return None
         after_seq = int(after)
         last = log.next_seq - 1
@@ -235,3 +235,8 @@ async def append_riding_out(
             failed = exc
         await anyio.sleep(delay)  # a retry's backoff: nothing to wait on but the clock
         delay = min(delay * 2, 1.0)
+
+
+def _is_token(token: str) -> bool:
+    """A token this store issues: ASCII digits (``str.isdigit`` takes superscripts and other scripts' digits)."""
+    return token.isascii() and token.isdigit() and len(token) <= 20

@@ -73,7 +73,7 @@ def _backplane(config: SseConfig, event_store: EventStore | None, server: Server
         return LocalBackplane(store)
     if server is None:
         raise ValueError("redis_url needs server=...: a worker that takes a session over runs it")
-    from .redis_backplane import RedisBackplane
+    from .cluster import RedisBackplane
 
     return RedisBackplane(config, event_store, server)
 

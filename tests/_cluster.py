@@ -25,10 +25,17 @@ class Worker:
     port: int
     process: anyio.abc.Process
     log: bytearray = field(default_factory=bytearray)
+    grew: anyio.Event = field(default_factory=anyio.Event)
+    """Set (and replaced) each time the log grows."""
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    async def logged(self, text: bytes) -> None:
+        """Return once the log holds ``text``."""
+        while text not in self.log:
+            await self.grew.wait()
 
 
 READY = b"Application startup complete"
@@ -39,9 +46,11 @@ before the workers' READY lines with ``--workers``. Ready means both."""
 
 
 async def _read_log(worker: Worker, ready: anyio.Event, processes: int) -> None:
-    assert worker.process.stderr is not None
-    async for chunk in worker.process.stderr:
+    assert worker.process.stdout is not None  # stderr too: uvicorn's access log is on stdout
+    async for chunk in worker.process.stdout:
         worker.log += chunk
+        worker.grew.set()
+        worker.grew = anyio.Event()
         if not ready.is_set() and worker.log.count(READY) >= processes and LISTENING in worker.log:
             ready.set()
     ready.set()  # exited: the caller sees it did not start
@@ -68,7 +77,9 @@ async def _processes(
                 sock.close()  # the child binds it; uvicorn sets SO_REUSEADDR
                 argv = [part.replace("{port}", str(port)) for part in command]
                 environment = {**os.environ, **env} if env else None
-                process = await anyio.open_process(argv, cwd=ROOT, stderr=subprocess.PIPE, env=environment)
+                process = await anyio.open_process(
+                    argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment
+                )
                 worker = Worker(port, process)
                 started.append(worker)
                 ready = anyio.Event()

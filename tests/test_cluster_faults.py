@@ -19,7 +19,7 @@ from starlette.types import Message
 
 from mcp_sse_transport import ErrorCode, SessionHandler
 from mcp_sse_transport._asgi import stream_session
-from mcp_sse_transport.redis_backplane import RedisBackplane
+from mcp_sse_transport.cluster.resume import Resumes
 
 from ._cluster import Worker, _options, _processes
 from ._redis import RedisProcess
@@ -173,14 +173,14 @@ async def test_a_relayed_resume_that_loses_its_race_gets_superseded_through_the_
     client's next resume reaches the owner A and attaches first; when B's asks to attach, A
     refuses it, and B's stream gets ``SUPERSEDED`` before it ends."""
     replaying, later_attached = anyio.Event(), anyio.Event()
-    replay_here = RedisBackplane._replay_here
+    replay_here = Resumes._replay_here
 
-    async def held_replay(self: RedisBackplane, *args: Any) -> str | None:
+    async def held_replay(self: Resumes, *args: Any) -> str | None:
         replaying.set()
         await later_attached.wait()
         return await replay_here(self, *args)
 
-    monkeypatch.setattr(RedisBackplane, "_replay_here", held_replay)
+    monkeypatch.setattr(Resumes, "_replay_here", held_replay)
     with anyio.fail_after(30):
         async with serving(worker_app(redis_url, redis_prefix)) as a, serving(worker_app(redis_url, redis_prefix)) as b:
             async with httpx2.AsyncClient(base_url=a) as http, RawSseStream.open(a) as first:

@@ -20,7 +20,8 @@ import pytest
 from redis.asyncio import Redis
 
 from mcp_sse_transport import ErrorCode, SseConfig, SseServerTransport
-from mcp_sse_transport.redis_backplane import RedisBackplane
+from mcp_sse_transport.cluster import RedisBackplane
+from mcp_sse_transport.cluster.messages import Claim
 
 from ._cluster import workers
 from ._redis_proxy import Command, RedisProxy
@@ -239,11 +240,11 @@ async def test_a_claim_whose_relaying_worker_died_before_attaching_is_dropped(
         async with transport:
             backplane = transport._backplane
             assert isinstance(backplane, RedisBackplane)
-            cluster = backplane._cluster
-            links = cluster._links = _WatchedLinks()
+            relays = backplane._relays
+            links = relays._links = _WatchedLinks()
             # A resume reached another worker, which claimed the session's place here, then died
             # (nobody listens on its channel) before it could attach or detach.
-            cluster._dispatch({"t": "claim", "sid": "0" * 32, "c": "conn", "f": "gone-worker", "at": 1}, b"")
+            backplane._bus._dispatch(Claim(session_id="0" * 32, conn="conn", sender="gone-worker", arrived=1))
             assert "conn" in links
             await links.dropped.wait()
             assert not links
@@ -256,7 +257,7 @@ async def test_a_request_that_settles_unanswered_is_struck_off_by_the_sdks_hook(
     transport = app.state.sse_transport
     backplane = transport._backplane
     assert isinstance(backplane, RedisBackplane)
-    cluster = backplane._cluster
+    cluster = backplane._ledger
 
     async def no_strike_off_on_cancel(session: object, message: object) -> None:
         """Only mcp's ``on_request_unanswered`` hook is left to strike the request off."""

@@ -2,7 +2,7 @@
 (its event loop frozen past the lease, here) writes nothing more to the session's log, sends
 nothing more to its client, and deletes nothing of the session, which lives on at the new owner.
 
-In one process, two :class:`Cluster` objects stand for two workers; with real processes, worker
+In one process, two :class:`Directory` objects stand for two workers; with real processes, worker
 A is frozen with SIGSTOP while B takes its session over (a POST or a resume), then thawed.
 """
 
@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from mcp_sse_transport import ErrorCode, SessionHandler, SseConfig
-from mcp_sse_transport.cluster import Cluster
+from mcp_sse_transport.cluster import Bus, Directory, RedisRequestLedger
 from mcp_sse_transport.errors import ConnectionLostError, FencedError
 from mcp_sse_transport.redis_store import RedisEventStore
 
@@ -40,9 +40,21 @@ def _key(prefix: str, name: str, session_id: str = SESSION) -> str:
     return f"{prefix}{{{session_id}}}:{name}"
 
 
-def _cluster(redis: Redis, redis_url: str, prefix: str) -> Cluster:
+class _Worker(Directory):
+    """A worker's directory, with its request ledger's fenced strike-off."""
+
+    def __init__(self, redis: Redis, store: RedisEventStore, config: SseConfig) -> None:
+        bus = Bus(redis, redis, config)
+        super().__init__(redis, store, config, bus.worker_id)
+        self._ledger = RedisRequestLedger(self, bus)
+
+    async def remove_pending(self, session_id: str, *request_ids: str | int) -> None:
+        await self._ledger.remove_pending(session_id, *request_ids)
+
+
+def _cluster(redis: Redis, redis_url: str, prefix: str) -> _Worker:
     config = SseConfig(redis_url=redis_url, redis_prefix=prefix, owner_lease=1.0)
-    return Cluster(redis, RedisEventStore(redis, prefix=prefix), config)
+    return _Worker(redis, RedisEventStore(redis, prefix=prefix), config)
 
 
 async def _lease_runs_out(redis: Redis, owner_key: str) -> None:
@@ -56,7 +68,7 @@ async def _lease_runs_out(redis: Redis, owner_key: str) -> None:
 
 
 @asynccontextmanager
-async def _workers(redis_url: str, prefix: str) -> AsyncIterator[tuple[Cluster, Cluster]]:
+async def _workers(redis_url: str, prefix: str) -> AsyncIterator[tuple[_Worker, _Worker]]:
     """Two workers' directories, each on its own Redis client, as each process would have."""
     redis_a, redis_b = Redis.from_url(redis_url), Redis.from_url(redis_url)
     try:
@@ -84,7 +96,7 @@ async def test_the_old_owner_can_change_nothing_once_another_worker_took_the_ses
                 await _fenced_out(a, b, redis_client, redis_prefix, first)
 
 
-async def _fenced_out(a: Cluster, b: Cluster, redis_client: Redis, redis_prefix: str, first: str) -> None:
+async def _fenced_out(a: _Worker, b: _Worker, redis_client: Redis, redis_prefix: str, first: str) -> None:
     pending = _key(redis_prefix, "pending")
     assert await b.acquire(SESSION)
     assert await redis_client.hget(_key(redis_prefix, "meta"), "g") == b"2"

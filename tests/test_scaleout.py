@@ -205,3 +205,23 @@ async def test_a_request_posted_to_two_workers_runs_once(redis_url: str, redis_p
                 later = await next_answer(raw)
     assert first["id"] == 1 and later["id"] == 9, "one answer each"
     assert stream_runs[runs:] == [2, 1], "the request sent three times ran once"
+
+
+async def test_a_session_redis_no_longer_knows_ends_with_store_unavailable(
+    redis_url: str, redis_prefix: str, redis_client: Redis
+) -> None:
+    """Redis lost the session (its entry deleted, Redis itself up): the owner's next renewal
+    finds out, and the client's stream ends with ``STORE_UNAVAILABLE``, not as if another worker
+    had taken the session over."""
+    with anyio.fail_after(30):
+        async with serving(worker_app(redis_url, redis_prefix)) as base:
+            async with httpx2.AsyncClient(base_url=base) as http, RawSseStream.open(base) as raw:
+                post_url = await start_session(raw, http, retry_ms=50)
+                session_id = post_url.split("session_id=")[1]
+                assert await redis_client.delete(f"{redis_prefix}{{{session_id}}}:meta") == 1
+                events = []
+                while (event := await raw.next_event()) is not None:
+                    events.append(event)
+    errors = [event.json() for event in events if event.event == "error"]
+    assert [error["code"] for error in errors] == [ErrorCode.STORE_UNAVAILABLE]
+    assert errors[0]["message"] == "Session state was lost from Redis; the session ends"

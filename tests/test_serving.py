@@ -33,8 +33,10 @@ from mcp_sse_transport import serving as serving_module
 from mcp_sse_transport._asgi import ABORT_EXTENSION, end_stream, open_stream
 from mcp_sse_transport.serving import H11Protocol, _redact_session_ids, _RedactSessionIds, sse_app, uvicorn_server
 
+from ._cluster import uvicorn_cli
 from ._support import RawSseStream, free_socket, serving
 from .test_integration import OPEN, initialize, lowlevel_server
+from .test_resume import start_session
 from .test_stalled_reset import _read_to_the_end, _server_sockets
 
 pytestmark = pytest.mark.anyio
@@ -410,3 +412,21 @@ def test_the_access_log_redaction_passes_records_without_tuple_arguments() -> No
     plain = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, f"session_id={SESSION}", None, None)
     assert _RedactSessionIds().filter(plain) is True
     assert plain.args is None
+
+
+async def test_uvicorns_own_command_line_with_the_protocol_redacts_the_access_log(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """``uvicorn --http mcp_sse_transport.serving:H11Protocol`` (the documented deployment) runs
+    neither ``uvicorn_server`` nor ``run``: the protocol installs the redaction itself."""
+    with anyio.fail_after(60):
+        async with uvicorn_cli(redis_url, redis_prefix) as worker:
+            async with httpx2.AsyncClient(base_url=worker.url) as http, RawSseStream.open(worker.url) as raw:
+                post_url = await start_session(raw, http, retry_ms=100)
+                session_id = post_url.split("session_id=")[1]
+                assert (
+                    await http.post(post_url, json={"jsonrpc": "2.0", "method": "ping", "id": 1})
+                ).status_code == 202
+                await worker.logged(b"POST /messages/?session_id=")  # the access log's line for it
+    assert session_id.encode() not in worker.log
+    assert f"POST /messages/?session_id={session_id[:8]}…".encode() in worker.log

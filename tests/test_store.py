@@ -204,12 +204,22 @@ async def test_replay_of_an_unknown_session() -> None:
         assert len(store) == 0, "a replay creates no log"
 
 
-@pytest.mark.parametrize("after", ["", "x", "-1", "+1", "1.0", " 1", "1 ", "0x1", "1" * 21, "1-0"])
+@pytest.mark.parametrize(
+    "after", ["", "x", "-1", "+1", "1.0", " 1", "1 ", "0x1", "1" * 21, "1-0", "\u00b2", "\u0661", "\uff11"]
+)
 async def test_replay_after_a_malformed_token_is_none(after: str) -> None:
     with anyio.fail_after(5):
         store = InMemoryEventStore()
         await append_all(store, SESSION, 3)
         assert await store.replay(SESSION, after) is None
+
+
+@pytest.mark.parametrize("until", ["x", "-1", "\u0661", "1" * 21])
+async def test_replay_until_a_malformed_token_is_none(until: str) -> None:
+    with anyio.fail_after(5):
+        store = InMemoryEventStore()
+        await append_all(store, SESSION, 3)
+        assert await store.replay(SESSION, "1", until=until) is None
 
 
 async def test_replay_after_a_token_never_issued_is_none() -> None:
