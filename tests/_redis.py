@@ -21,10 +21,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import anyio
 import anyio.abc
+from redis.asyncio import Redis
 
 from ._support import serving_connections
 
@@ -237,3 +238,41 @@ class StallingLink:
             pass
         finally:
             scope.cancel()
+
+
+@asynccontextmanager
+async def deletion_of(redis: Redis, key: str) -> AsyncIterator[anyio.Event]:
+    """An event set once ``key`` is deleted, from Redis's keyspace notifications (turned on for
+    the duration): a test waits on Redis itself, not by asking it again and again."""
+    (previous,) = (await redis.config_get("notify-keyspace-events")).values()
+    await redis.config_set("notify-keyspace-events", "Kg")
+    pubsub: Any = redis.pubsub()  # redis-py's PubSub is untyped
+    db = redis.connection_pool.connection_kwargs.get("db", 0)
+    deleted = anyio.Event()
+
+    async def listen() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "message" and message["data"] in (b"del", b"unlink"):
+                deleted.set()
+                return
+
+    try:
+        await pubsub.subscribe(f"__keyspace@{db}__:{key}")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen)
+            yield deleted
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pubsub.aclose()
+            await redis.config_set("notify-keyspace-events", previous or "")
+
+
+async def lease_runs_out(redis: Redis, owner_key: str) -> None:
+    """Return once the lease on ``owner_key`` has run out: a clock deadline, waited on its PTTL."""
+    for _ in range(5):  # Redis and this process count the same milliseconds: once, barring rounding
+        remaining = int(await redis.pttl(owner_key))
+        if remaining <= 0:
+            return
+        await anyio.sleep(remaining / 1000 + 0.002)
+    raise AssertionError(f"the lease on {owner_key} does not run out")

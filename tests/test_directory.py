@@ -16,6 +16,8 @@ from mcp_sse_transport.cluster import Directory, DirectoryEntry
 from mcp_sse_transport.errors import FencedError
 from mcp_sse_transport.redis_store import RedisEventStore
 
+from ._redis import lease_runs_out
+
 pytestmark = pytest.mark.anyio
 
 SESSION = "0123456789abcdef0123456789abcdef"
@@ -40,16 +42,6 @@ async def _directories(
     finally:
         for redis in clients:
             await redis.aclose()
-
-
-async def _lease_runs_out(redis: Redis, owner_key: str) -> None:
-    """Return once the lease on ``owner_key`` ran out: a deadline in Redis, waited on its PTTL."""
-    for _ in range(5):  # Redis and this process count the same milliseconds: once, barring rounding
-        remaining = int(await redis.pttl(owner_key))
-        if remaining <= 0:
-            return
-        await anyio.sleep(remaining / 1000 + 0.002)
-    raise AssertionError(f"the lease on {owner_key} does not run out")
 
 
 async def test_a_registered_session_is_looked_up_with_its_owner(
@@ -87,7 +79,7 @@ async def test_a_session_is_acquired_only_once_its_lease_ran_out(
             assert not await b.acquire(SESSION), "an unknown session is not taken"
             await a.register(SESSION, "fp", "secret")  # not entered: a renews nothing
             assert not await b.acquire(SESSION), "a holds the lease"
-            await _lease_runs_out(redis_client, _key(redis_prefix, "owner"))
+            await lease_runs_out(redis_client, _key(redis_prefix, "owner"))
             assert await a.lease_remaining(SESSION) == 0
             entry = await b.lookup(SESSION)
             assert entry is not None and entry.owner is None
@@ -121,7 +113,7 @@ async def test_an_abandoned_takeover_gives_the_generation_back(
     with anyio.fail_after(10):
         async with _directories(redis_url, redis_prefix, owner_lease=0.3) as (a, b):
             await a.register(SESSION, "fp", "secret")
-            await _lease_runs_out(redis_client, _key(redis_prefix, "owner"))
+            await lease_runs_out(redis_client, _key(redis_prefix, "owner"))
             assert await b.acquire(SESSION)
             await b.abandon(SESSION)
             assert not b.renews(SESSION)
@@ -145,7 +137,7 @@ async def test_forget_removes_every_key_of_the_session_unless_fenced(
             assert [key async for key in redis_client.scan_iter(match=f"{redis_prefix}*")] == []
 
             await a.register(OTHER, "fp", "secret")
-            await _lease_runs_out(redis_client, _key(redis_prefix, "owner", OTHER))
+            await lease_runs_out(redis_client, _key(redis_prefix, "owner", OTHER))
             assert await b.acquire(OTHER)
             with pytest.raises(FencedError, match="another worker holds it"):
                 await a.forget(OTHER)
@@ -209,7 +201,7 @@ async def test_a_lease_another_worker_took_is_reported_lost(
     with anyio.fail_after(10):
         async with _directories(redis_url, redis_prefix, owner_lease=0.3) as (a, b):
             await a.register(SESSION, "fp", "secret")
-            await _lease_runs_out(redis_client, _key(redis_prefix, "owner"))
+            await lease_runs_out(redis_client, _key(redis_prefix, "owner"))
             assert await b.acquire(SESSION)
             assert await _reported_lost(a) == [(SESSION, False)]
             assert not a.serves(SESSION) and b.serves(SESSION)

@@ -26,6 +26,7 @@ from mcp_sse_transport.cluster.messages import Claim
 from ._cluster import workers
 from ._redis_proxy import Command, RedisProxy
 from ._support import RawSseStream, SseEvent, serving
+from .test_relay import WatchedLinks
 from .test_resume import hang_entered, open_session, start_session, streaming_server
 from .test_scaleout import worker_app
 
@@ -219,18 +220,6 @@ async def test_a_takeover_answers_two_thousand_unanswered_requests_and_keeps_the
                     assert answer.json()["result"]["content"][0]["text"] == "after"
 
 
-class _WatchedLinks(dict[str, Any]):
-    """A worker's links, telling when one is dropped."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dropped = anyio.Event()
-
-    def __delitem__(self, key: str) -> None:
-        super().__delitem__(key)
-        self.dropped.set()
-
-
 async def test_a_claim_whose_relaying_worker_died_before_attaching_is_dropped(
     redis_url: str, redis_prefix: str
 ) -> None:
@@ -241,7 +230,7 @@ async def test_a_claim_whose_relaying_worker_died_before_attaching_is_dropped(
             backplane = transport._backplane
             assert isinstance(backplane, RedisBackplane)
             relays = backplane._relays
-            links = relays._links = _WatchedLinks()
+            links = relays._links = WatchedLinks()
             # A resume reached another worker, which claimed the session's place here, then died
             # (nobody listens on its channel) before it could attach or detach.
             backplane._bus._dispatch(Claim(session_id="0" * 32, conn="conn", sender="gone-worker", arrived=1))

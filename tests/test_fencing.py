@@ -27,6 +27,7 @@ from mcp_sse_transport.redis_store import RedisEventStore
 
 from ._cluster import Worker, workers
 from ._handlers import quiet_config
+from ._redis import lease_runs_out
 from ._support import RawSseStream, SseEvent
 from .test_handler import RecordingSink, start
 from .test_resume import start_session
@@ -57,16 +58,6 @@ def _cluster(redis: Redis, redis_url: str, prefix: str) -> _Worker:
     return _Worker(redis, RedisEventStore(redis, prefix=prefix), config)
 
 
-async def _lease_runs_out(redis: Redis, owner_key: str) -> None:
-    """Return once the lease on ``owner_key`` has run out: a clock deadline, waited on its PTTL."""
-    for _ in range(5):  # Redis and this process count the same milliseconds: once, barring rounding
-        remaining = int(await redis.pttl(owner_key))
-        if remaining <= 0:
-            return
-        await anyio.sleep(remaining / 1000 + 0.002)
-    raise AssertionError(f"the lease on {owner_key} does not run out")
-
-
 @asynccontextmanager
 async def _workers(redis_url: str, prefix: str) -> AsyncIterator[tuple[_Worker, _Worker]]:
     """Two workers' directories, each on its own Redis client, as each process would have."""
@@ -91,7 +82,7 @@ async def test_the_old_owner_can_change_nothing_once_another_worker_took_the_ses
             pending = _key(redis_prefix, "pending")
             await redis_client.sadd(pending, json.dumps(1), json.dumps(2))
             assert not await b.acquire(SESSION), "a holds the lease"
-            await _lease_runs_out(redis_client, _key(redis_prefix, "owner"))  # a froze: no renewal
+            await lease_runs_out(redis_client, _key(redis_prefix, "owner"))  # a froze: no renewal
             async with b:  # b's renewals run
                 await _fenced_out(a, b, redis_client, redis_prefix, first)
 
@@ -146,7 +137,7 @@ async def test_a_renewal_never_takes_back_a_lease_another_worker_took_since(
             a.on_lost = on_lost
             await a.register(SESSION, "fp", "secret")  # a's renewals are not running: as if frozen
             owner_key = _key(redis_prefix, "owner")
-            await _lease_runs_out(redis_client, owner_key)
+            await lease_runs_out(redis_client, owner_key)
             assert await b.acquire(SESSION)
             await b.release(SESSION)  # b handed it off: nobody holds the lease, its generation moved on
             assert await redis_client.get(owner_key) is None
@@ -166,7 +157,7 @@ async def test_a_takeover_that_wrote_nothing_gives_the_session_back_to_its_owner
         async with _workers(redis_url, redis_prefix) as (a, b):
             meta, owner_key = _key(redis_prefix, "meta"), _key(redis_prefix, "owner")
             await a.register(SESSION, "fp", "secret")  # a's renewals are not running: Redis is away, say
-            await _lease_runs_out(redis_client, owner_key)
+            await lease_runs_out(redis_client, owner_key)
             assert await b.acquire(SESSION)
             await b.abandon(SESSION)  # its takeover failed before its first write
             assert await redis_client.hget(meta, "g") == b"1" and await redis_client.get(owner_key) is None
@@ -177,7 +168,7 @@ async def test_a_takeover_that_wrote_nothing_gives_the_session_back_to_its_owner
                 assert await redis_client.get(owner_key) == a.worker_id.encode()
             assert await redis_client.hget(meta, "g") == b"1"
             # A takeover that wrote gives the lease up, and keeps its generation.
-            await _lease_runs_out(redis_client, owner_key)
+            await lease_runs_out(redis_client, owner_key)
             assert await b.acquire(SESSION)
             await b.store.append(SESSION, None, b'{"by": "b"}')
             await b.abandon(SESSION)
@@ -227,7 +218,7 @@ async def test_a_fenced_session_ends_its_stream_at_once_with_nothing_more_writte
                 runner = await start(tg, handler, sink)
                 await handler.send(b'{"n": 1}')
                 await sink.wait_for(lambda: sink.completed == 1)
-                await _lease_runs_out(redis_client, _key(redis_prefix, "owner"))
+                await lease_runs_out(redis_client, _key(redis_prefix, "owner"))
                 assert await b.acquire(SESSION)
                 lease.valid_until = anyio.current_time() + 60  # a stalled just after its check
                 await handler.send(b'{"n": 2}')  # its writer's append is refused in Redis
@@ -295,7 +286,7 @@ async def _frozen_owner(redis: Redis, prefix: str, a: Worker, b: Worker, takeove
             a.process.send_signal(signal.SIGSTOP)  # a's event loop freezes: no renewal, no write
             try:
                 before = await _log(redis, events_key)  # a cannot append while frozen
-                await _lease_runs_out(redis, owner_key)
+                await lease_runs_out(redis, owner_key)
                 resumed: list[SseEvent] = []
                 if takeover == "post":
                     echo = _tool_call(2, "echo", {"text": "on b"})

@@ -35,7 +35,7 @@ async def _worker(url: str, prefix: str, owner_lease: float = 3.0) -> AsyncItera
         await store.redis.aclose()
 
 
-class _WatchedLinks(dict[str, Any]):
+class WatchedLinks(dict[str, Any]):
     """A worker's links, telling when one is dropped."""
 
     def __init__(self) -> None:
@@ -103,7 +103,7 @@ async def test_a_claim_never_attached_is_given_back_on_leaving(redis_url: str, r
                 raise AssertionError("never attached")
 
             at_owner.serve(on_claim, on_attach)
-            links = at_owner._links = _WatchedLinks()
+            links = at_owner._links = WatchedLinks()
             async with here.relay(owner.worker_id, SESSION, arrived=1) as relay:
                 await claimed.wait()
                 assert relay.conn in links

@@ -4,8 +4,8 @@ uvicorn, so a test can see both sides (what Redis holds, what each worker does).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 
 import anyio
@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 
 from mcp_sse_transport import ErrorCode, InMemoryEventStore, SseConfig, SseServerTransport, sse_app
 
+from ._redis import deletion_of
 from ._support import RawSseStream, serving
 from .test_resume import OPEN, _UserFromHeader, call_stream, open_session, start_session, stream_runs, streaming_server
 
@@ -36,12 +37,6 @@ async def two_workers(redis_url: str, prefix: str, **overrides: Any) -> AsyncIte
         serving(worker_app(redis_url, prefix, **overrides)) as b,
     ):
         yield a, b
-
-
-async def wait_until(condition: Callable[[], Awaitable[bool]]) -> None:
-    """Wait for a condition that other tasks or processes make true, checking it again and again."""
-    while not await condition():
-        await anyio.lowlevel.checkpoint()
 
 
 def test_redis_url_needs_a_url_the_server_and_a_redis_store() -> None:
@@ -114,7 +109,7 @@ async def test_an_ended_session_leaves_nothing_in_redis(redis_url: str, redis_pr
         return [key async for key in redis_client.scan_iter(match=f"{redis_prefix}*")]
 
     with anyio.fail_after(30):
-        async with two_workers(redis_url, redis_prefix, session_grace=0) as (a, b):
+        async with two_workers(redis_url, redis_prefix, session_grace=0) as (a, b), AsyncExitStack() as stack:
             async with httpx2.AsyncClient(base_url=b) as http:
                 async with RawSseStream.open(a) as raw:
                     post_url = await start_session(raw, http, retry_ms=50)
@@ -125,11 +120,11 @@ async def test_an_ended_session_leaves_nothing_in_redis(redis_url: str, redis_pr
                     names = sorted(key.decode().rsplit(":", 1)[1] for key in await keys())
                     assert names == ["events", "meta", "owner", "seen"], "the call was answered: nothing pending"
                     assert all(session in key.decode() for key in await keys())
-
-                async def gone() -> bool:
-                    return not await keys()
-
-                await wait_until(gone)  # the stream closed, without grace: the session ends
+                    forgotten = await stack.enter_async_context(
+                        deletion_of(redis_client, f"{redis_prefix}{{{session}}}:meta")
+                    )
+                await forgotten.wait()  # the stream closed, without grace: the session ends
+                assert not await keys(), "one script deletes every key of it"
                 assert (await http.post(post_url, json=call_stream(1))).status_code == 404
 
 

@@ -151,8 +151,9 @@ class Resumes:
                     if isinstance(message, End):
                         graceful = message.graceful
                         break
-                    with anyio.fail_after(self._config.write_timeout):
-                        await sink(message.body)
+                    if not await write_within(sink, message.body, self._config.write_timeout):
+                        logger.info("session %s: a relayed write failed or stalled", session_tag(session_id))
+                        break
                     await relays.ack(relay, message.seq)
             except Exception as exc:  # the client, Redis or the relay failed: the stream is over
                 logger.info("session %s: relayed stream ended (%s)", session_tag(session_id), type(exc).__name__)
