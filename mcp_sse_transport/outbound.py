@@ -16,6 +16,7 @@ import anyio.abc
 from ._sdk import SessionMessage, ValidationError, answered_id, dump, jsonrpc_error, serialize, types
 from .errors import ErrorCode, EventTooLargeError
 from .events import error_body
+from .handler import SessionHandler
 from .session import Session
 
 if TYPE_CHECKING:
@@ -46,17 +47,21 @@ class ServerWriteStream:
         if answered is not None and answered == self._session.swallow:
             self._session.swallow = None  # the replayed initialize's: the client has it already
             return
+        stream = self._session.routing.stream_for(message)
         try:
             data = serialize(message)
         except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
-            await _report_unsendable(self._session, self._task_group, message, _Unsendable.unserializable(exc))
+            await self._report(stream, message, _Unsendable.unserializable(exc))
         else:
             try:
-                await self._session.handler.send(data)
+                await stream.send(data)
             except EventTooLargeError as exc:
-                await _report_unsendable(self._session, self._task_group, message, _Unsendable.too_large(exc))
+                await self._report(stream, message, _Unsendable.too_large(exc))
         if answered is not None:
-            await self._ledger.answered(self._session, answered)
+            await self._ledger.answered(self._session, stream, answered)
+
+    async def _report(self, stream: SessionHandler, message: types.JSONRPCMessage, why: _Unsendable) -> None:
+        await _report_unsendable(self._session, stream, self._task_group, message, why)
 
     async def aclose(self) -> None:
         await self._session.handler.close()
@@ -97,10 +102,14 @@ class _Unsendable:
 
 
 async def _report_unsendable(
-    session: Session, task_group: anyio.abc.TaskGroup, message: types.JSONRPCMessage, why: _Unsendable
+    session: Session,
+    handler: SessionHandler,
+    task_group: anyio.abc.TaskGroup,
+    message: types.JSONRPCMessage,
+    why: _Unsendable,
 ) -> None:
-    """Tell the client which message was lost, and answer whoever waits for it, on either side."""
-    handler = session.handler
+    """Tell the client which message was lost, on the stream it was for, and answer whoever
+    waits for it, on either side."""
     request_id = getattr(message, "id", None)
     method = getattr(message, "method", None)
     logger.error(

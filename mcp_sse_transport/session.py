@@ -6,7 +6,7 @@ import json
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -23,22 +23,46 @@ __all__ = [
     "NOT_HERE",
     "STORE_UNAVAILABLE",
     "Attempts",
+    "OneStream",
     "Outcome",
     "Restore",
+    "Routing",
     "SeenIds",
     "Session",
     "SessionsFull",
 ]
 
 
+class Routing(Protocol):
+    """Which of a session's streams an outbound message goes to: a front end's policy."""
+
+    def stream_for(self, message: types.JSONRPCMessage) -> SessionHandler: ...
+
+
+class OneStream:
+    """The legacy HTTP+SSE transport's routing: a session has one stream, and every message
+    goes there."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: SessionHandler) -> None:
+        self.stream = stream
+
+    def stream_for(self, message: types.JSONRPCMessage) -> SessionHandler:
+        return self.stream
+
+
 @dataclass(slots=True)
 class Session:
-    """One session: an SDK server run fed through ``inbound``, its owner, and its stream."""
+    """One session: an SDK server run fed through ``inbound``, its owner, and its streams (the
+    first, ``handler``, carries what no other stream is for)."""
 
     handler: SessionHandler
     inbound: Inbound
     owner: str
     """The fingerprint of the credential that opened the session."""
+    routing: Routing = field(init=False)
+    """Where the server's messages go: :class:`OneStream` unless a front end sets another policy."""
     swallow: types.RequestId | None = None
     """Taken over or restored: the id of the replayed ``initialize``, whose response the client
     already has (or never asked for)."""
@@ -58,6 +82,9 @@ class Session:
     attempts: Attempts = field(default_factory=lambda: Attempts())
     """With Redis: the POSTs of a request id being delivered, and those that recorded it in
     Redis without delivering it."""
+
+    def __post_init__(self) -> None:
+        self.routing = OneStream(self.handler)
 
     @property
     def session_id(self) -> str:

@@ -55,6 +55,9 @@ class SessionState(Enum):
     """Ended by a failure: slow consumer, no resume within the grace period, drain deadline."""
 
 
+_ENDED = (SessionState.CLOSED, SessionState.BROKEN)
+
+
 class FailureKind(Enum):
     """Why a session broke; the driver maps each to the exception producers get."""
 
@@ -190,7 +193,7 @@ class StreamState(Generic[C]):
 
     @property
     def ended(self) -> bool:
-        return self.state in (SessionState.CLOSED, SessionState.BROKEN)
+        return self.state in _ENDED
 
     @property
     def lingering(self) -> bool:
@@ -343,7 +346,7 @@ class StreamState(Generic[C]):
 
     def enqueue(self, encoded: bytes, size: int, token: str) -> None:
         """A stored event (``size`` payload bytes, stored as ``token``) is ready to write."""
-        if self.ended:
+        if self.state in _ENDED:  # not the property: this runs once per event
             raise StreamStateError(f"a {self.state.value} session queues no events")
         self.last_token = token
         self.queue.append((encoded, size))

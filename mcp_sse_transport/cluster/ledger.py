@@ -18,6 +18,7 @@ import anyio
 from .._sdk import dump, types
 from ..errors import FencedError, StoreError
 from ..fencing import REMOVE_PENDING
+from ..handler import SessionHandler
 from ..ids import SEEN_REQUEST_IDS, session_tag
 from ..ledger import Admission
 from ..redis_errors import redis_errors
@@ -174,8 +175,8 @@ class RedisRequestLedger:
         await self.record_handshake(session.session_id, "init", dump(initialize).encode())
         await self.record_handshake(session.session_id, "initialized", dump(initialized).encode())
 
-    async def answered(self, session: Session, request_id: types.RequestId) -> None:
-        await session.handler.flush()  # stored before it is struck off: this worker may die
+    async def answered(self, session: Session, stream: SessionHandler, request_id: types.RequestId) -> None:
+        await stream.flush()  # stored before it is struck off: this worker may die
         await self._strike_off(session, request_id)
 
     def on_unanswered(self, session: Session, message: types.JSONRPCMessage) -> Callable[[], Awaitable[None]] | None:
