@@ -172,8 +172,10 @@ def metadata(request: Request, on_unanswered: Callable[[], Awaitable[None]] | No
 
 def owner_fingerprint(scope: Scope) -> str:
     """A fingerprint of the request's credential ("" when anonymous): a session answers only the
-    principal that opened it, on any worker. The SDK's bearer auth fingerprints its token's
-    client, scopes and claims; any other Starlette authentication, its user's class and identity."""
+    principal that opened it, on any worker: for the SDK's bearer auth, the principal its
+    ``authorization_context`` names (client id, issuer, subject: a refreshed token with other
+    scopes is the same principal); for any other Starlette authentication, the user's class and
+    identity."""
     user = scope.get("user")
     if isinstance(user, AuthenticatedUser):
         principal: Any = authorization_context(user)

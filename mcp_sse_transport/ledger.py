@@ -60,21 +60,31 @@ class RequestLedger(Protocol):
 
 
 class _Recorded:
-    __slots__ = ("_message", "_session")
+    __slots__ = ("_message", "_session", "done", "recorded")
 
     def __init__(self, session: Session, message: types.JSONRPCMessage) -> None:
         self._session = session
         self._message = message
+        self.recorded = False
+        self.done = False
 
     async def record(self) -> bool | None:
         if not isinstance(self._message, types.JSONRPCRequest):
             return True
         if self._session.seen is None:
             self._session.seen = SeenIds()
-        return self._session.seen.add(self._message.id)
+        self.recorded = self._session.seen.add(self._message.id)
+        return self.recorded
 
     def delivered(self) -> None:
-        pass
+        self.done = True
+
+    def undo(self) -> None:
+        """Not delivered after all (the session ended, or the POST was cancelled): the id is
+        free again, so the client's next attempt is delivered, not taken for a repeat."""
+        if self.recorded and not self.done and self._session.seen is not None:
+            assert isinstance(self._message, types.JSONRPCRequest)
+            self._session.seen.discard(self._message.id)
 
 
 class MemoryRequestLedger:
@@ -82,7 +92,11 @@ class MemoryRequestLedger:
 
     @asynccontextmanager
     async def admit(self, session: Session, message: types.JSONRPCMessage, body: bytes) -> AsyncIterator[Admission]:
-        yield _Recorded(session, message)
+        admission = _Recorded(session, message)
+        try:
+            yield admission
+        finally:
+            admission.undo()
 
     async def record_restored(
         self, session: Session, initialize: types.JSONRPCRequest, initialized: types.JSONRPCNotification

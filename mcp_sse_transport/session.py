@@ -124,6 +124,13 @@ class SeenIds:
             self._ids.discard(self._order.popleft())
         return True
 
+    def discard(self, request_id: types.RequestId) -> None:
+        """Forget an id accepted but never delivered: sent again, it is delivered then."""
+        key = json.dumps(request_id)
+        if key in self._ids:
+            self._ids.discard(key)
+            self._order.remove(key)
+
 
 class Attempts:
     """One session's delivery attempts of requests, on the worker serving it (the only one that

@@ -49,7 +49,10 @@ GOLDEN: list[tuple[Message, bytes]] = [
         b'"u":{"token":"t0k","client_id":"c","scopes":["read"],"expires_at":null},"r":"r1","f":"w1"}'
         b'\n{"jsonrpc":"2.0","id":1,"method":"ping"}',
     ),
-    (Posted(reply_to="r1", status=202), b'{"v":1,"t":"posted","r":"r1","s":202}'),
+    (
+        Posted(reply_to="r1", status=503, text="Too many requests in flight", retry=True),
+        b'{"v":1,"t":"posted","r":"r1","s":503,"x":"Too many requests in flight","j":false,"y":true}',
+    ),
     (
         Claim(session_id="sess", conn="c1", sender="w2", arrived=7),
         b'{"v":1,"t":"claim","sid":"sess","c":"c1","f":"w2","at":7}',

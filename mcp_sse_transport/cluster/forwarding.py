@@ -34,7 +34,8 @@ class _Done(Exception):
     """The outcome of a POST is decided."""
 
 
-_STATUS_TEXT = {202: "Accepted", 400: "Could not parse message", 404: "Could not find session"}
+_FAILED = Outcome(500, "Internal Server Error")
+"""What the owner answers a POST it failed to deliver for a reason of its own."""
 
 
 class Forwarding:
@@ -47,7 +48,7 @@ class Forwarding:
         self._takeovers = takeovers
         self._host = host
         self._config = config
-        self._replies: dict[str, tuple[anyio.Event, list[int]]] = {}
+        self._replies: dict[str, tuple[anyio.Event, list[Outcome]]] = {}
         bus.on(Post, self._posted_here)
         bus.on(Posted, self._answered)
 
@@ -71,14 +72,14 @@ class Forwarding:
                     if entry.owner is not None and entry.owner != directory.worker_id:
                         handed_over = True
                         try:
-                            status = await self.forward(entry.owner, _forwarded(request.scope, session_id, body))
+                            answer = await self.forward(entry.owner, _forwarded(request.scope, session_id, body))
                         except OwnerUnreachable:  # nobody received it: not delivered
                             handed_over = False
                             await takeovers.await_lease(session_id)
                         else:
                             handed_over = False
-                            if status != NOT_HERE.status:
-                                outcome = _status_outcome(status)
+                            if answer.status != NOT_HERE.status:
+                                outcome = answer
                                 raise _Done
                             await takeovers.await_lease(session_id)  # not delivered: it serves the session no more
                     session = await takeovers.adopt(session_id)
@@ -108,17 +109,17 @@ class Forwarding:
             outcome = Outcome(504, "Outcome unknown: the session's owner may have taken the message", retry=True)
         return outcome
 
-    async def forward(self, owner: str, post: Post) -> int:
+    async def forward(self, owner: str, post: Post) -> Outcome:
         """Hand a POST to the session's owner (``post``'s reply address is filled in here);
-        returns the HTTP status it answered with.
+        returns the answer it gave (status, text, and whether to retry), as it gave it.
 
         Raises :class:`OwnerUnreachable` when nobody listens on the owner's channel,
         TimeoutError when it did not answer within ``forward_timeout``, StoreError.
         """
         reply_id = uuid4().hex
         done = anyio.Event()
-        status: list[int] = []
-        self._replies[reply_id] = (done, status)
+        answer: list[Outcome] = []
+        self._replies[reply_id] = (done, answer)
         try:
             post = replace(post, reply_to=reply_id, sender=self._bus.worker_id)
             with redis_errors("handing over a POST", post.session_id):
@@ -127,50 +128,44 @@ class Forwarding:
                 raise OwnerUnreachable(owner)
             with anyio.fail_after(self._config.forward_timeout):
                 await done.wait()
-            return status[0]
+            return answer[0]
         finally:
             del self._replies[reply_id]
 
     def _answered(self, message: Posted) -> None:
         if (reply := self._replies.get(message.reply_to)) is not None:
-            reply[1].append(message.status)
+            reply[1].append(Outcome(message.status, message.text, json=message.json, retry=message.retry))
             reply[0].set()
 
     def _posted_here(self, message: Post) -> None:
         self._bus.spawn("a POST handed over by another worker", self._answer, message)
 
     async def _answer(self, post: Post) -> None:
-        status = 500  # unless the owner answers: the sender must not wait out its timeout
+        outcome = _FAILED  # unless the owner answers: the sender must not wait out its timeout
         try:
-            status = await self._deliver(post)
+            outcome = await self._deliver(post)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._reply(post, status)
+                await self._reply(post, outcome)
 
-    async def _deliver(self, post: Post) -> int:
-        """A POST another worker handed over for a session of this worker's: its status."""
+    async def _deliver(self, post: Post) -> Outcome:
+        """A POST another worker handed over for a session of this worker's: its outcome."""
         session = await self._takeovers.local(post.session_id)
         if session is None:  # it moved on (taken over, or handed off) since the sender looked
-            return NOT_HERE.status
+            return NOT_HERE
         request = _forwarded_request(post)
         with auth_context(request.scope):
             outcome = await self._host.deliver(session, post.body, request)
         if outcome.report is not None:
             self._bus.spawn("reporting a parse error", outcome.report)
-        return outcome.status
+        return outcome
 
-    async def _reply(self, post: Post, status: int) -> None:
+    async def _reply(self, post: Post, outcome: Outcome) -> None:
+        answer = Posted(post.reply_to, outcome.status, outcome.text, json=outcome.json, retry=outcome.retry)
         try:
-            await self._bus.publish(post.sender, Posted(reply_to=post.reply_to, status=status))
+            await self._bus.publish(post.sender, answer)
         except (RedisError, OSError) as exc:
             logger.warning("cluster: could not answer a handed-over POST (%s)", exc)
-
-
-def _status_outcome(status: int) -> Outcome:
-    """The outcome of a POST the owner answered with ``status``."""
-    if status == 503:
-        return STORE_UNAVAILABLE
-    return Outcome(status, _STATUS_TEXT.get(status, "Internal Server Error"))
 
 
 def _forwarded(scope: Scope, session_id: str, body: bytes) -> Post:

@@ -123,6 +123,12 @@ class Posted:
     reply_to: str = field(metadata=_wire("r", _string))
     status: int = field(metadata=_wire("s", _status))
     """The HTTP status the owner answered the POST with."""
+    text: str = field(default="", metadata=_wire("x", _string))
+    """The owner's answer's body, sent on as it is (a JSON-RPC error for a refused id, say)."""
+    json: bool = field(default=False, metadata=_wire("j", _flag))
+    """The body is JSON (``application/json``), not text."""
+    retry: bool = field(default=False, metadata=_wire("y", _flag))
+    """The owner answered with ``Retry-After``: the client may send it again later."""
 
 
 @dataclass(frozen=True, slots=True)
