@@ -268,9 +268,9 @@ class SseServerTransport:
             arrived = await self._backplane.claims.next(session_id)
             if not arrived:
                 return None
-            preface = self._endpoint_event(scope, session_id)
             session = self._host.serving(session_id)
             if session is None:
+                preface = self._endpoint_event(scope, session_id)
                 return await self._backplane.resume_elsewhere(parsed, arrived, scope, receive, send, preface)
             if (
                 session.handler.ended
@@ -285,6 +285,7 @@ class SseServerTransport:
             await self._unavailable("Session store unavailable")(scope, receive, send)
             raise RequestRejected("Session store unavailable") from exc
         logger.info("session %s: resuming", session.handler.tag)
+        preface = self._endpoint_event(scope, session_id)
         return partial(stream_session, session.handler, scope, receive, send, preface, after=token, arrived=arrived)
 
     def _endpoint_event(self, scope: Scope, session_id: str, secret: str | None = None) -> bytes:

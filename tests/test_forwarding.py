@@ -123,7 +123,7 @@ async def _worker(redis_url: str, prefix: str) -> AsyncIterator[tuple[str, Redis
     async with serving(app) as base:
         backplane = app.state.sse_transport._backplane
         assert isinstance(backplane, RedisBackplane)
-        yield base, backplane, backplane._bound[1]
+        yield base, backplane, backplane._bound.forwarding
 
 
 class _Body:

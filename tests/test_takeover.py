@@ -74,7 +74,7 @@ async def test_adopt_past_max_sessions_is_refused_and_takes_no_lease(
             running_worker(redis_url, redis_prefix, max_sessions=1) as (b, host),
         ):
             session_id = await _left_by_its_owner(a)
-            takeovers = b._bound[0]
+            takeovers = b._bound.takeovers
             async with open_session(host):  # the one session b may have
                 with pytest.raises(SessionsFull):
                     await takeovers.adopt(session_id)
@@ -93,7 +93,7 @@ async def test_adopt_of_a_session_whose_lease_another_worker_holds_returns_none(
             open_session(a_host) as session,
         ):
             session_id = session.session_id
-            assert await b._bound[0].adopt(session_id) is None
+            assert await b._bound.takeovers.adopt(session_id) is None
             assert not b.serves(session_id) and b_host.sessions.get(session_id) is None
             assert a.serves(session_id)
             assert await _owner(redis_client, redis_prefix, session_id) == a._bus.worker_id.encode()
@@ -111,7 +111,7 @@ async def test_local_waits_for_a_takeover_in_progress_and_returns_its_session(
         ):
             assert isinstance(host, _HeldHost)
             session_id = await _left_by_its_owner(a)
-            takeovers = b._bound[0]
+            takeovers = b._bound.takeovers
             adopted: list[Session | None] = []
 
             async def adopt() -> None:
@@ -158,7 +158,7 @@ async def test_interrupt_unanswered_stores_one_interrupted_error_per_pending_req
                 pending = f"{redis_prefix}{{{session_id}}}:pending"
                 await redis_client.sadd(pending, *(json.dumps(request_id) for request_id in request_ids))
 
-                unanswered = await backplane._bound[0]._interrupt_unanswered(session_id)
+                unanswered = await backplane._bound.takeovers._interrupt_unanswered(session_id)
 
                 assert sorted(map(str, unanswered)) == sorted(map(str, request_ids))
                 assert store.pages == [_INTERRUPTED_PAGE, _INTERRUPTED_PAGE, 201]
@@ -183,7 +183,7 @@ async def test_fence_binds_the_handlers_guard_to_the_sessions_lease(redis_url: s
             await backplane._directory.register(session_id, "", uuid4().hex)
             session, read_stream = host.create(session_id, "")
             try:
-                backplane._bound[0].fence(session)
+                backplane._bound.takeovers.fence(session)
                 lease = backplane._directory.lease(session_id)
                 assert lease is not None and session.lease is lease
                 guard = session.handler.guard

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
@@ -39,6 +39,14 @@ __all__ = ["RedisBackplane"]
 logger = logging.getLogger("mcp_sse_transport")
 
 
+class _Parts(NamedTuple):
+    """What the backplane builds once it knows the host it serves."""
+
+    takeovers: Takeovers
+    forwarding: Forwarding
+    resumes: Resumes
+
+
 class RedisBackplane:
     """Sessions in Redis: any worker sharing it serves any request (``server`` runs the sessions
     this worker takes over)."""
@@ -58,7 +66,7 @@ class RedisBackplane:
         self.claims: ClaimSequence = RedisClaimSequence(redis, config.redis_prefix, config.replay_max_age)
         self._relays = Relays(self._bus, config)
         self._host: Host | None = None
-        self._parts: tuple[Takeovers, Forwarding, Resumes] | None = None
+        self._parts: _Parts | None = None
         self._running = AsyncExitStack()
 
     def bind(self, host: Host) -> None:
@@ -66,10 +74,10 @@ class RedisBackplane:
         takeovers = Takeovers(host, self._directory, self._ledger, self._bus, self._server)
         forwarding = Forwarding(self._bus, self._directory, takeovers, host, self._config)
         resumes = Resumes(self._directory, self._relays, takeovers, host, self._config)
-        self._parts = takeovers, forwarding, resumes
+        self._parts = _Parts(takeovers, forwarding, resumes)
 
     @property
-    def _bound(self) -> tuple[Takeovers, Forwarding, Resumes]:
+    def _bound(self) -> _Parts:
         assert self._parts is not None, "bind() first"
         return self._parts
 
@@ -98,7 +106,7 @@ class RedisBackplane:
 
     async def register(self, session: Session) -> None:
         await self._directory.register(session.session_id, session.owner, session.handler.secret)
-        self._bound[0].fence(session)
+        self._bound.takeovers.fence(session)
 
     def serves(self, session_id: str) -> bool:
         return self._directory.serves(session_id)
@@ -113,12 +121,12 @@ class RedisBackplane:
         await self._directory.release(session_id)
 
     async def post_elsewhere(self, session_id: str, request: Request) -> Outcome:
-        return await self._bound[1].post_elsewhere(session_id, request)
+        return await self._bound.forwarding.post_elsewhere(session_id, request)
 
     async def resume_elsewhere(
         self, parsed: EventId, arrived: int, scope: Scope, receive: Receive, send: Send, preface: bytes
     ) -> Resume | None:
-        return await self._bound[2].resume_elsewhere(parsed, arrived, scope, receive, send, preface)
+        return await self._bound.resumes.resume_elsewhere(parsed, arrived, scope, receive, send, preface)
 
     def _on_lost(self, session_id: str, gone: bool) -> None:
         """This worker no longer holds the session: another worker took it over (end the stream

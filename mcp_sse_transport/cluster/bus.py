@@ -18,10 +18,10 @@ from uuid import uuid4
 import anyio
 import anyio.abc
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from ..config import SseConfig
 from ..errors import StoreError
+from ..redis_errors import REDIS_FAILURES
 from .messages import Message, MessageError, decode, encode
 
 __all__ = ["RESUBSCRIBE_WINDOW", "Bus", "OwnerUnreachable"]
@@ -99,7 +99,7 @@ class Bus:
         pubsub: Any = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._channel)  # before any lease is taken: nothing sent to us is lost
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             await pubsub.aclose()
             raise StoreError(f"could not subscribe to this worker's channel: {exc}") from exc
         self._task_group = await anyio.create_task_group().__aenter__()
@@ -148,13 +148,13 @@ class Bus:
                         failures = 0
                         logger.info("cluster: this worker's channel is back")
                     message = await pubsub.get_message(timeout=1.0)
-                except (RedisError, OSError) as exc:
+                except REDIS_FAILURES as exc:
                     failures += 1
                     (logger.warning if failures == 1 else logger.debug)(
                         "cluster: lost this worker's channel (%s); subscribing again", exc
                     )
                     if pubsub is not None:
-                        with anyio.CancelScope(shield=True), suppress(RedisError, OSError):
+                        with anyio.CancelScope(shield=True), suppress(*REDIS_FAILURES):
                             await pubsub.aclose()
                         pubsub = None
                     if failures > 1:  # Redis itself is unreachable: back off
@@ -164,7 +164,7 @@ class Bus:
                     self._receive(message["data"])
         finally:
             if pubsub is not None:
-                with anyio.CancelScope(shield=True), suppress(RedisError, OSError):
+                with anyio.CancelScope(shield=True), suppress(*REDIS_FAILURES):
                     await pubsub.aclose()
 
     async def _restarted(self) -> bool:
@@ -172,7 +172,7 @@ class Bus:
         cannot say: then the pooled connections from before it are dead."""
         try:
             info = await self.redis.info("server")
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             return True
         previous, self._redis_run_id = self._redis_run_id, str(info.get("run_id"))
         return previous != self._redis_run_id

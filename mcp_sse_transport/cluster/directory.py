@@ -19,13 +19,12 @@ from types import TracebackType
 import anyio
 import anyio.abc
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from ..config import SseConfig
 from ..errors import FencedError
 from ..fencing import ABANDON, ACQUIRE, FORGET, REGISTER, RELEASE, RENEW, Lease
 from ..ids import session_tag
-from ..redis_errors import redis_errors
+from ..redis_errors import REDIS_FAILURES, redis_errors
 from ..redis_store import RedisEventStore
 
 __all__ = ["Directory", "DirectoryEntry"]
@@ -122,7 +121,7 @@ class Directory:
                             pipe,
                         )
                     results = await pipe.execute()
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 logger.warning("cluster: could not renew %d lease(s): %s", len(owned), exc)
                 continue
             for (session_id, lease), renewed in zip(owned, results, strict=True):
@@ -291,7 +290,7 @@ class Directory:
                         lease.revoke()
                         await self._release(*lease.fence(), pipe)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             logger.warning("cluster: could not give up %d lease(s) on leaving: %s", len(held), exc)
         else:
             self._held.clear()

@@ -9,7 +9,6 @@ from typing import Any
 from uuid import uuid4
 
 import anyio
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.types import Scope
 
@@ -18,7 +17,7 @@ from ..backplane import Host
 from ..config import SseConfig
 from ..errors import StoreError
 from ..ids import session_tag
-from ..redis_errors import redis_errors
+from ..redis_errors import REDIS_FAILURES, redis_errors
 from ..session import NOT_FOUND, NOT_HERE, STORE_UNAVAILABLE, Outcome, SessionsFull
 from .bus import Bus, OwnerUnreachable
 from .directory import Directory
@@ -34,6 +33,8 @@ class _Done(Exception):
     """The outcome of a POST is decided."""
 
 
+_OWNER_UNREACHABLE = Outcome(503, "Session owner unreachable", retry=True)
+"""Not delivered: neither the owner took the POST nor could this worker take the session over."""
 _FAILED = Outcome(500, "Internal Server Error")
 """What the owner answers a POST it failed to deliver for a reason of its own."""
 
@@ -57,7 +58,7 @@ class Forwarding:
         503 if neither happens within ``forward_timeout`` (not delivered), 504 if the owner may
         have taken it but did not say so in time."""
         directory, host, takeovers = self._directory, self._host, self._takeovers
-        outcome = Outcome(503, "Session owner unreachable", retry=True)
+        outcome = _OWNER_UNREACHABLE
         handed_over = False
         """A handover is under way: the owner may have the message, whatever happens now."""
         try:
@@ -87,7 +88,7 @@ class Forwarding:
                         outcome = await host.deliver(session, body, request)
                         if outcome.status != NOT_HERE.status:
                             raise _Done
-                        outcome = Outcome(503, "Session owner unreachable", retry=True)  # unless a next turn finds it
+                        outcome = _OWNER_UNREACHABLE  # unless a next turn finds it
                     if entry.owner == directory.worker_id:  # so the next turn takes it, or waits
                         await takeovers.clear_own_lease(session_id)
                     entry = await directory.lookup(session_id)
@@ -164,7 +165,7 @@ class Forwarding:
         answer = Posted(post.reply_to, outcome.status, outcome.text, json=outcome.json, retry=outcome.retry)
         try:
             await self._bus.publish(post.sender, answer)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             logger.warning("cluster: could not answer a handed-over POST (%s)", exc)
 
 

@@ -16,12 +16,11 @@ from uuid import uuid4
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from redis.exceptions import RedisError
 
 from ..config import SseConfig
 from ..errors import StoreError
 from ..handler import Sink
-from ..redis_errors import redis_errors
+from ..redis_errors import REDIS_FAILURES, redis_errors
 from .bus import Bus, OwnerUnreachable
 from .messages import Ack, Attach, Chunk, Claim, Detach, End
 
@@ -182,7 +181,7 @@ class Relays:
         """Tell the owner chunk ``seq`` was written: it may send the next."""
         try:
             received = await self._bus.publish(relay.owner, Ack(conn=relay.conn, seq=seq))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise StoreError(f"could not acknowledge a relayed chunk: {exc}") from exc
         if not received:  # the owner would wait for it forever: end the stream, the client resumes
             raise StoreError("could not acknowledge a relayed chunk: the owner no longer listens")
@@ -191,7 +190,7 @@ class Relays:
         """Tell the owner the relayed connection is gone."""
         try:
             await self._bus.publish(relay.owner, Detach(conn=relay.conn))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             logger.info("cluster: could not report a closed relay (%s)", exc)
 
     # -- the owner's end -----------------------------------------------------------------------
@@ -223,7 +222,7 @@ class Relays:
         self._links.pop(attach.conn, None)
         try:
             await self._bus.publish(attach.sender, End(conn=attach.conn, graceful=graceful))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             logger.info("cluster: could not end a relayed stream (%s)", exc)
 
     async def _expire_unattached(self, conn: str, link: _Link) -> None:
@@ -237,7 +236,7 @@ class Relays:
                 return
             try:
                 listening = await self._bus.listening(link.follower)
-            except (RedisError, OSError):
+            except REDIS_FAILURES:
                 continue  # Redis is away: the follower may well be alive; ask again later
             if not listening:
                 if self._links.get(conn) is link and not link.attached:
