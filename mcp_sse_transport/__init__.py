@@ -20,9 +20,10 @@ from .flow import CreditLedger, Grant, GrantState
 from .handler import Attachment, SessionHandler
 from .ids import EventId, format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
-from .serving import H11Protocol, run, sse_app, uvicorn_server
+from .serving import H11Protocol, Transport, run, sse_app, streamable_http_app, uvicorn_server
 from .store import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay, StoredEvent
 from .stream_state import SessionState, SessionStatistics
+from .streamable import StreamableHTTPSessionManager
 from .transport import RequestRejected, SseServerTransport
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "SseConfig",
     "SseServerTransport",
     "StoredEvent",
+    "StreamableHTTPSessionManager",
+    "Transport",
     "encode_comment",
     "encode_error",
     "encode_event",
@@ -60,6 +63,7 @@ __all__ = [
     "parse_event_id",
     "run",
     "sse_app",
+    "streamable_http_app",
     "uvicorn_server",
 ]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import anyio
@@ -43,13 +43,19 @@ def disconnected(receive: Receive) -> Closed:
     return wait
 
 
-async def open_stream(send: Send, scope: Scope | None = None, send_buffer: int | None = None) -> Sink:
-    """Send the event stream's response head; returns the sink that writes body chunks. First
-    the socket's kernel send buffer is capped at ``send_buffer`` bytes (``SseConfig``'s
-    ``socket_send_buffer``), where the server offers that in ``scope``."""
+async def open_stream(
+    send: Send,
+    scope: Scope | None = None,
+    send_buffer: int | None = None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> Sink:
+    """Send the event stream's response head (:data:`SSE_HEADERS` and ``headers``); returns the
+    sink that writes body chunks. First the socket's kernel send buffer is capped at
+    ``send_buffer`` bytes (``SseConfig``'s ``socket_send_buffer``), where the server offers that
+    in ``scope``."""
     if scope is not None and send_buffer is not None and (cap := _offered(scope, "set_send_buffer")) is not None:
         cap(send_buffer)
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
 
     async def sink(chunk: bytes) -> None:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -93,6 +99,7 @@ async def stream_session(
     attachment: Attachment | None = None,
     sink: Sink | None = None,
     arrived: int | None = None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     """Serve ``handler``'s events as this request's response until the connection drops or the
     session ends. A new session comes with its ``attachment``; a resume (``after`` a token)
@@ -103,7 +110,7 @@ async def stream_session(
     """
     claim = handler.claim(arrived) if attachment is None else None  # the last resume to arrive wins
     if sink is None:
-        sink = await open_stream(send, scope, handler.config.socket_send_buffer)
+        sink = await open_stream(send, scope, handler.config.socket_send_buffer, headers)
     if claim is not None:
         attachment = await handler.attach_latest(claim)
         if attachment is None:  # a later resume of the session got there first

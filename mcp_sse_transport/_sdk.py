@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any
 
+import anyio.abc
 import mcp_types as types
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, auth_context_var
 from mcp.server.auth.middleware.bearer_auth import (
@@ -28,6 +29,20 @@ from mcp.server.auth.routes import (
 )
 from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
+from mcp.server.runner import serve_loop
+from mcp.server.streamable_http import (
+    LAST_EVENT_ID_HEADER,
+    MCP_SESSION_ID_HEADER,
+    REQUEST_CANCELLED,
+    check_accept_headers,
+)
+from mcp.server.streamable_http import EventMessage as SdkEventMessage
+from mcp.server.streamable_http import EventStore as SdkEventStore
+from mcp.server.streamable_http_manager import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_SESSION_IDLE_TIMEOUT,
+)
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager as StockSessionManager
 from mcp.server.transport_security import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     RequestBodyLimitMiddleware,
@@ -42,8 +57,10 @@ from mcp.shared._httpx_utils import (
     sse_within_origin,
 )
 from mcp.shared._stream_protocols import ReadStream, WriteStream
-from mcp.shared.message import ServerMessageMetadata, SessionMessage
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
+from mcp.shared.message import CloseSSEStreamCallback, ServerMessageMetadata, SessionMessage
+from mcp_types import DEFAULT_NEGOTIATED_VERSION
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, is_version_at_least
 from pydantic import ValidationError
 from starlette.authentication import BaseUser
 from starlette.middleware import Middleware
@@ -54,6 +71,14 @@ from starlette.types import ASGIApp, Scope
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BODY_SIZE",
+    "DEFAULT_MAX_SESSIONS",
+    "DEFAULT_NEGOTIATED_VERSION",
+    "DEFAULT_SESSION_IDLE_TIMEOUT",
+    "LAST_EVENT_ID_HEADER",
+    "MCP_PROTOCOL_VERSION_HEADER",
+    "MCP_SESSION_ID_HEADER",
+    "REQUEST_CANCELLED",
+    "CloseSSEStreamCallback",
     "ContextReceiveStream",
     "ContextSendStream",
     "Inbound",
@@ -61,12 +86,18 @@ __all__ = [
     "McpHttpClientFactory",
     "ReadStream",
     "RequestBodyLimitMiddleware",
+    "SdkEventMessage",
+    "SdkEventStore",
     "Server",
+    "ServerMessageMetadata",
     "SessionMessage",
+    "StockSessionManager",
     "TransportSecurityMiddleware",
     "TransportSecuritySettings",
     "ValidationError",
     "WriteStream",
+    "accepts",
+    "adopt_stock_manager",
     "answered_id",
     "auth_context",
     "create_context_streams",
@@ -74,14 +105,19 @@ __all__ = [
     "dump",
     "ended_streams",
     "forwarded_user",
+    "handshake_era",
     "jsonrpc_error",
+    "lifespan",
     "lowlevel_server",
     "metadata",
     "owner_fingerprint",
     "parse",
+    "primes_streams",
+    "related_request_id",
     "request_within_origin",
     "restored_handshake",
     "serialize",
+    "serve_session",
     "server_streams",
     "server_wiring",
     "speaks_handshake",
@@ -158,13 +194,79 @@ def restored_handshake(version: str) -> tuple[types.JSONRPCRequest, types.JSONRP
     return initialize, types.JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized")
 
 
-def metadata(request: Request, on_unanswered: Callable[[], Awaitable[None]] | None = None) -> ServerMessageMetadata:
-    """A POSTed message's metadata: its HTTP request, and what runs if a request settles
-    without an answer (cancelled: mcp 2.x never answers it)."""
-    result = ServerMessageMetadata(request_context=request)
+def metadata(
+    request: Request,
+    on_unanswered: Callable[[], Awaitable[None]] | None = None,
+    *,
+    close_stream: CloseSSEStreamCallback | None = None,
+    close_standalone: CloseSSEStreamCallback | None = None,
+    can_send_request: bool = True,
+) -> ServerMessageMetadata:
+    """A POSTed message's metadata: its HTTP request, what runs if a request settles without an
+    answer (cancelled: mcp 2.x never answers it), and for Streamable HTTP the callbacks behind
+    ``ctx.close_sse_stream()`` and whether the request's channel can carry server requests."""
+    result = ServerMessageMetadata(
+        request_context=request,
+        close_sse_stream=close_stream,
+        close_standalone_sse_stream=close_standalone,
+        can_send_request=can_send_request,
+    )
     if on_unanswered is not None:
         result.on_request_unanswered = on_unanswered
     return result
+
+
+def related_request_id(item: SessionMessage) -> types.RequestId | None:
+    """The client request a server's outbound message belongs to (its progress, its logs, its
+    own requests), if the server said."""
+    meta = item.metadata
+    return meta.related_request_id if isinstance(meta, ServerMessageMetadata) else None
+
+
+# -- Streamable HTTP -----------------------------------------------------------------------------
+
+
+def handshake_era(version: str | None) -> bool:
+    """Whether a Streamable HTTP request with this ``MCP-Protocol-Version`` (``None``: no header)
+    belongs to the sessions of the handshake era (2025-03-26 to 2025-11-25), as the SDK routes it;
+    any other value goes to the SDK's single-exchange entry (2026-07-28), which validates it."""
+    return version is None or version in HANDSHAKE_PROTOCOL_VERSIONS
+
+
+def primes_streams(version: str) -> bool:
+    """Whether a client at ``version`` gets a priming event (an id, empty data) first on each POST
+    stream, and may have its streams closed for polling: 2025-11-25 on, as the SDK decides."""
+    return is_version_at_least(version, "2025-11-25")
+
+
+def accepts(request: Request) -> tuple[bool, bool]:
+    """Whether the request's ``Accept`` takes JSON, and event streams, as the SDK reads it."""
+    return check_accept_headers(request)
+
+
+def lifespan(server: Server[Any]) -> AbstractAsyncContextManager[Any]:
+    """The server's lifespan, which a session manager enters once for all its sessions."""
+    return server.lifespan(server)
+
+
+def adopt_stock_manager(manager: StockSessionManager, task_group: anyio.abc.TaskGroup, lifespan_state: Any) -> None:
+    """Let the SDK's manager serve requests inside our ``run()``: what its own ``run()`` would
+    set, without entering the server's lifespan a second time."""
+    manager._task_group = task_group  # type: ignore[assignment]
+    manager._lifespan_state = lifespan_state  # pyright: ignore[reportPrivateUsage]
+    manager._has_started = True  # pyright: ignore[reportPrivateUsage]
+
+
+async def serve_session(
+    server: Server[Any],
+    read_stream: ReadStream[SessionMessage | Exception],
+    write_stream: WriteStream[SessionMessage],
+    lifespan_state: Any,
+    session_id: str,
+) -> None:
+    """One Streamable HTTP session's server run, as the SDK's manager drives it: the manager's
+    lifespan, entered once, shared by every session."""
+    await serve_loop(server, read_stream, write_stream, lifespan_state=lifespan_state, session_id=session_id)
 
 
 # -- auth ----------------------------------------------------------------------------------------

@@ -79,6 +79,13 @@ class SseConfig:
     "Too many open sessions" (with ``Retry-After``) and no open session is touched. The SDK's
     Streamable HTTP manager caps at the same 10,000. ``None``: no cap."""
 
+    max_session_streams: int | None = 100
+    """Streamable HTTP: response streams one session may have open, or ended and kept
+    ``session_grace`` for a resume, at once (each its own buffer and replay log). HTTP/2 servers
+    allow 100 to 128 concurrent streams per connection (RFC 9113 recommends at least 100; nginx
+    ``http2_max_concurrent_streams`` 128). Past it, the oldest ended stream is forgotten first;
+    with every one still open, a POSTed request gets 503 with ``Retry-After``. ``None``: no cap."""
+
     socket_send_buffer: int | None = 256 * 1024
     """Bytes of the kernel's send buffer (``SO_SNDBUF``) of an event stream's socket, set when
     the stream opens (never on a POST's); ``None`` leaves the kernel's autotuning. What a stalled
@@ -143,7 +150,7 @@ class SseConfig:
                     f"{log} ({getattr(self, log)}) must be at least {least} ({getattr(self, least)}): "
                     "the replay log must keep what the buffer holds"
                 )
-        for name in ("max_sessions", "socket_send_buffer"):
+        for name in ("max_sessions", "max_session_streams", "socket_send_buffer"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")

@@ -119,6 +119,11 @@ class SessionHandler(StreamWriter):
         return self._stream.state
 
     @property
+    def last_token(self) -> str | None:
+        """The token of the newest event stored, for a handler that continues this one's log."""
+        return self._stream.last_token
+
+    @property
     def attached(self) -> bool:
         return self._stream.connection is not None
 
@@ -126,6 +131,12 @@ class SessionHandler(StreamWriter):
     def claimed(self) -> bool:
         """Whether a resume ever claimed the session (:meth:`claim`), here or on another worker."""
         return self._stream.claims > 0
+
+    @property
+    def failure(self) -> FailureKind | None:
+        """Why the session broke, if it did."""
+        failure = self._stream.failure
+        return failure[0] if failure is not None else None
 
     @property
     def failed(self) -> bool:
@@ -270,7 +281,14 @@ class SessionHandler(StreamWriter):
 
     async def supersede(self) -> None:
         """End the current connection's stream with ``SUPERSEDED``, so a new one can attach."""
-        final = encode_error(ErrorCode.SUPERSEDED, "Another connection resumed this session")
+        await self._end_connection(encode_error(ErrorCode.SUPERSEDED, "Another connection resumed this session"))
+
+    async def release(self) -> None:
+        """End the current connection's stream cleanly, the session staying open: the client
+        comes back with ``Last-Event-ID`` after ``retry:`` (Streamable HTTP's polling)."""
+        await self._end_connection(None)
+
+    async def _end_connection(self, final: bytes | None) -> None:
         connection = self._stream.supersede(final)
         if connection is None:
             return

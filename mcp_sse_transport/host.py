@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from functools import partial
 from typing import Any
@@ -17,6 +18,7 @@ from ._sdk import (
     ContextReceiveStream,
     ReadStream,
     Server,
+    ServerMessageMetadata,
     SessionMessage,
     ValidationError,
     metadata,
@@ -31,11 +33,33 @@ from .errors import StoreError
 from .handler import SessionHandler
 from .outbound import CLOSED, ServerWriteStream, id_too_long_error, report_id_too_long, report_parse_error
 from .registry import RegistryStatistics, SessionRegistry
-from .session import ACCEPTED, NOT_HERE, STORE_UNAVAILABLE, Outcome, Restore, Session, SessionsFull
+from .session import ACCEPTED, NOT_HERE, REPEATED, STORE_UNAVAILABLE, Delivery, Outcome, Restore, Session, SessionsFull
 
 __all__ = ["SessionHost"]
 
 logger = logging.getLogger("mcp_sse_transport")
+
+
+def _metadata(
+    request: Request, on_unanswered: Callable[[], Awaitable[None]] | None, delivery: Delivery | None
+) -> ServerMessageMetadata:
+    """The message's metadata: the ledger's hook and the front end's, both run when a request
+    settles unanswered."""
+    if delivery is None:
+        return metadata(request, on_unanswered)
+    hooks = [hook for hook in (on_unanswered, delivery.on_unanswered) if hook is not None]
+
+    async def unanswered() -> None:
+        for hook in hooks:
+            await hook()
+
+    return metadata(
+        request,
+        unanswered if hooks else None,
+        close_stream=delivery.close_stream,
+        close_standalone=delivery.close_standalone,
+        can_send_request=delivery.can_send_request,
+    )
 
 
 class SessionHost:
@@ -196,6 +220,18 @@ class SessionHost:
             # The id is not echoed (nor remembered), so ``id`` is null.
             text = f'{{"jsonrpc":"2.0","id":null,"error":{id_too_long_error(self._config.max_request_id_bytes)}}}'
             return Outcome(400, text, json=True, report=partial(report_id_too_long, session))
+        return await self.deliver_message(session, message, body, request)
+
+    async def deliver_message(
+        self,
+        session: Session,
+        message: types.JSONRPCMessage,
+        body: bytes,
+        request: Request,
+        delivery: Delivery | None = None,
+    ) -> Outcome:
+        """Hand a parsed message (``body`` as POSTed) to the session's server, once per request id."""
+        session.exchanged = True
         ledger = self._backplane.ledger
         async with ledger.admit(session, message, body) as admission:
             try:
@@ -210,14 +246,14 @@ class SessionHost:
                 # MCP forbids reusing a request id in a session: this is a POST sent again by a
                 # client that could not tell whether the first arrived. It did; the answer comes once.
                 logger.info("session %s: a request was POSTed again; not delivered twice", session.handler.tag)
-                return ACCEPTED
+                return REPEATED
             try:
                 await self._prepare(session, message)
                 # Hand the message over before answering 202: an accepted message is never lost.
                 # Shielded: a send cancelled once the server took the message cannot tell it did.
-                delivery = SessionMessage(message, metadata=metadata(request, ledger.on_unanswered(session, message)))
+                meta = _metadata(request, ledger.on_unanswered(session, message), delivery)
                 with anyio.CancelScope(shield=True):
-                    await session.inbound.send(delivery)
+                    await session.inbound.send(SessionMessage(message, metadata=meta))
             except CLOSED:  # it ended here: for good, or it lives on elsewhere
                 return NOT_HERE
             admission.delivered()

@@ -12,8 +12,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from ._sdk import types
-from .handler import SessionHandler
-from .session import SeenIds, Session
+from .session import SeenIds, Session, Stream
 
 __all__ = ["Admission", "MemoryRequestLedger", "RequestLedger"]
 
@@ -46,7 +45,7 @@ class RequestLedger(Protocol):
         """Keep a restored session's replayed handshake, as a POSTed one is kept. Raises StoreError."""
         ...
 
-    async def answered(self, session: Session, stream: SessionHandler, request_id: types.RequestId) -> None:
+    async def answered(self, session: Session, stream: Stream, request_id: types.RequestId) -> None:
         """The server sent its answer to ``request_id`` into ``stream``, one of the session's."""
         ...
 
@@ -103,7 +102,7 @@ class MemoryRequestLedger:
     ) -> None:
         pass  # nobody else replays it
 
-    async def answered(self, session: Session, stream: SessionHandler, request_id: types.RequestId) -> None:
+    async def answered(self, session: Session, stream: Stream, request_id: types.RequestId) -> None:
         pass  # unanswered requests matter to a takeover only
 
     def on_unanswered(self, session: Session, message: types.JSONRPCMessage) -> Callable[[], Awaitable[None]] | None:

@@ -16,8 +16,7 @@ import anyio.abc
 from ._sdk import SessionMessage, ValidationError, answered_id, dump, jsonrpc_error, serialize, types
 from .errors import ErrorCode, EventTooLargeError
 from .events import error_body
-from .handler import SessionHandler
-from .session import Session
+from .session import Session, Stream
 
 if TYPE_CHECKING:
     from .ledger import RequestLedger
@@ -47,7 +46,8 @@ class ServerWriteStream:
         if answered is not None and answered == self._session.swallow:
             self._session.swallow = None  # the replayed initialize's: the client has it already
             return
-        stream = self._session.routing.stream_for(message)
+        routing = self._session.routing
+        stream = routing.stream_for(item)
         try:
             data = serialize(message)
         except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
@@ -59,8 +59,9 @@ class ServerWriteStream:
                 await self._report(stream, message, _Unsendable.too_large(exc))
         if answered is not None:
             await self._ledger.answered(self._session, stream, answered)
+            routing.answered(answered, stream)
 
-    async def _report(self, stream: SessionHandler, message: types.JSONRPCMessage, why: _Unsendable) -> None:
+    async def _report(self, stream: Stream, message: types.JSONRPCMessage, why: _Unsendable) -> None:
         await _report_unsendable(self._session, stream, self._task_group, message, why)
 
     async def aclose(self) -> None:
@@ -103,7 +104,7 @@ class _Unsendable:
 
 async def _report_unsendable(
     session: Session,
-    handler: SessionHandler,
+    handler: Stream,
     task_group: anyio.abc.TaskGroup,
     message: types.JSONRPCMessage,
     why: _Unsendable,

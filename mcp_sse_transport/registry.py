@@ -54,6 +54,10 @@ class SessionRegistry(Generic[S]):
     def shutting_down(self) -> bool:
         return self._shutting_down
 
+    def refuse_new(self) -> None:
+        """From now on the registry is shutting down: front ends refuse new sessions."""
+        self._shutting_down = True
+
     def add(self, session_id: str, entry: S) -> None:
         if session_id in self._sessions:
             raise KeyError("a session with this id is already registered")
@@ -86,7 +90,7 @@ class SessionRegistry(Generic[S]):
     async def shutdown(self) -> None:
         """Refuse new sessions; drain and end every open one, concurrently, each within its
         ``drain_timeout``, with the shutdown error event."""
-        self._shutting_down = True
+        self.refuse_new()
         async with anyio.create_task_group() as tg:
             for entry in list(self._sessions.values()):
                 tg.start_soon(entry.handler.shutdown)

@@ -11,7 +11,7 @@ from .ids import session_tag
 from .store import EventStore, Replay
 from .stream_state import WRITE_CHUNK
 
-__all__ = ["REPLAY_PAGE", "encode_stored", "replay_chunks"]
+__all__ = ["RAW", "REPLAY_PAGE", "encode_stored", "replay_chunks"]
 
 logger = logging.getLogger("mcp_sse_transport")
 
@@ -53,8 +53,15 @@ async def replay_chunks(
             return
 
 
+RAW = ""
+"""The event name of data that is already on the wire's form (SSE a response's own code wrote):
+written as it is, without an id."""
+
+
 def encode_stored(data: bytes, event: str | None, id_prefix: bytes, token: str) -> bytes:
     """The wire form of a stored event: its id is ``id_prefix`` and its token."""
     if event == "message":
         return encode_message(data, id_prefix, token)
+    if event == RAW:
+        return data
     return encode_event(data, event=event, id=(id_prefix + token.encode()).decode())

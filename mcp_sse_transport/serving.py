@@ -6,9 +6,9 @@ import logging
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import anyio
 import uvicorn
@@ -20,6 +20,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornH11Protocol
 from ._asgi import ABORT_EXTENSION
 from ._sdk import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_SESSION_IDLE_TIMEOUT,
     MCPServer,
     Server,
     TransportSecuritySettings,
@@ -27,11 +29,30 @@ from ._sdk import (
     server_wiring,
 )
 from .config import SseConfig
+from .store import EventStore
+from .streamable import StreamableHTTPSessionManager
 from .transport import RequestRejected, SseServerTransport
 
-__all__ = ["H11Protocol", "run", "sse_app", "uvicorn_server"]
+__all__ = ["H11Protocol", "Transport", "run", "sse_app", "streamable_http_app", "uvicorn_server"]
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+Transport = Literal["sse", "streamable-http", "both"]
+"""What :func:`run` and :func:`uvicorn_server` serve: legacy HTTP+SSE (``/sse``), Streamable
+HTTP (``/mcp``), or both from one app."""
+
+
+def _local_security(
+    transport_security: TransportSecuritySettings | None, host: str
+) -> TransportSecuritySettings | None:
+    """As the SDK's apps: DNS-rebinding protection for local hosts unless the caller says otherwise."""
+    if transport_security is None and host in _LOCAL_HOSTS:
+        return TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+            allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+        )
+    return transport_security
 
 
 class _SseEndpoint:
@@ -69,12 +90,7 @@ def sse_app(
     app's lifespan joins the Redis cluster when ``config.redis_url`` is set, and its shutdown
     drains every stream (and, with Redis, hands every session off to the other workers).
     """
-    if transport_security is None and host in _LOCAL_HOSTS:
-        transport_security = TransportSecuritySettings(
-            enable_dns_rebinding_protection=True,
-            allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
-            allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
-        )
+    transport_security = _local_security(transport_security, host)
     lowlevel = lowlevel_server(server)
     transport = SseServerTransport(
         message_path,
@@ -95,6 +111,87 @@ def sse_app(
 
     app = Starlette(debug=debug, routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.sse_transport = transport
+    return app
+
+
+class _StreamableEndpoint:
+    """The Streamable HTTP endpoint as a raw ASGI app (a bound method would be taken for a
+    request/response function by Starlette's ``Route``)."""
+
+    def __init__(self, manager: StreamableHTTPSessionManager) -> None:
+        self._manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._manager.handle_request(scope, receive, send)
+
+
+def streamable_http_app(
+    server: MCPServer[Any] | Server[Any],
+    *,
+    streamable_http_path: str = "/mcp",
+    config: SseConfig | None = None,
+    json_response: bool = False,
+    stateless_http: bool = False,
+    event_store: EventStore | None = None,
+    retry_interval: int | None = None,
+    max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE,
+    session_idle_timeout: float | None = DEFAULT_SESSION_IDLE_TIMEOUT,
+    max_sessions: int | None = DEFAULT_MAX_SESSIONS,
+    transport_security: TransportSecuritySettings | None = None,
+    host: str = "127.0.0.1",
+    debug: bool = False,
+) -> Starlette:
+    """A Starlette app serving ``server`` over Streamable HTTP at ``streamable_http_path``, as
+    ``MCPServer.streamable_http_app()`` wires it (DNS-rebinding protection for local hosts, an
+    ``MCPServer``'s auth and custom routes), with this library's manager. The manager is at
+    ``app.state.session_manager``; the app's lifespan runs it."""
+    manager = StreamableHTTPSessionManager(
+        lowlevel_server(server),
+        event_store,
+        json_response,
+        stateless_http,
+        _local_security(transport_security, host),
+        retry_interval,
+        session_idle_timeout,
+        max_request_body_size,
+        max_sessions,
+        config=config,
+    )
+    endpoint: ASGIApp = _StreamableEndpoint(manager)
+    endpoint, _, routes, middleware = server_wiring(server, endpoint, endpoint)
+    routes[:0] = [Route(streamable_http_path, endpoint=endpoint)]
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with manager.run():
+            yield
+
+    app = Starlette(debug=debug, routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.session_manager = manager
+    return app
+
+
+def _app(server: MCPServer[Any] | Server[Any], transport: Transport, config: SseConfig | None, host: str) -> Starlette:
+    """The app :func:`run` serves: one transport's, or both from one app (the SSE app's routes,
+    then the Streamable HTTP endpoint; both lifespans)."""
+    if transport == "sse":
+        return sse_app(server, config=config, host=host)
+    streamable = streamable_http_app(server, config=config, host=host)
+    if transport == "streamable-http":
+        return streamable
+    legacy = sse_app(server, config=config, host=host)
+    manager: StreamableHTTPSessionManager = streamable.state.session_manager
+    sse_transport: SseServerTransport = legacy.state.sse_transport
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with sse_transport, manager.run():
+            yield
+
+    routes = [*legacy.routes[:2], streamable.routes[0], *legacy.routes[2:]]
+    app = Starlette(routes=routes, middleware=legacy.user_middleware, lifespan=lifespan)
+    app.state.sse_transport = sse_transport
+    app.state.session_manager = manager
     return app
 
 
@@ -176,14 +273,14 @@ class _Server(uvicorn.Server):
     """Drains every SSE stream as uvicorn starts shutting down, instead of after it waited for
     them (uvicorn runs the lifespan shutdown only once all connections have ended)."""
 
-    def __init__(self, config: uvicorn.Config, transport: SseServerTransport | None) -> None:
+    def __init__(self, config: uvicorn.Config, drains: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
         super().__init__(config)
-        self._transport = transport
+        self._drains = drains
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         async with anyio.create_task_group() as tg:
-            if self._transport is not None:
-                tg.start_soon(self._transport.shutdown)
+            for drain in self._drains:
+                tg.start_soon(drain)
             await super().shutdown(sockets)
 
 
@@ -193,18 +290,24 @@ def uvicorn_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     config: SseConfig | None = None,
+    transport: Transport = "sse",
     log_level: str = "info",
     **uvicorn_options: Any,
 ) -> uvicorn.Server:
-    """A ``uvicorn.Server`` for ``target`` (a server, or an app from :func:`sse_app`) whose
-    shutdown drains every stream and ends it with the shutdown event. ``await
-    server.serve(sockets=...)`` to run it; set ``server.should_exit = True`` to stop it."""
-    app = target if isinstance(target, Starlette) else sse_app(target, config=config, host=host)
-    transport = getattr(app.state, "sse_transport", None)
+    """A ``uvicorn.Server`` for ``target`` (a server, or an app from :func:`sse_app` or
+    :func:`streamable_http_app`) whose shutdown drains every stream and ends it with the shutdown
+    event. ``transport`` picks what a server is served over. ``await server.serve(sockets=...)``
+    to run it; set ``server.should_exit = True`` to stop it."""
+    app = target if isinstance(target, Starlette) else _app(target, transport, config, host)
+    drains = [
+        part.shutdown
+        for part in (getattr(app.state, "sse_transport", None), getattr(app.state, "session_manager", None))
+        if isinstance(part, SseServerTransport | StreamableHTTPSessionManager)
+    ]
     uvicorn_options.setdefault("http", H11Protocol)
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options)
     _redact_access_log()
-    return _Server(uvicorn_config, transport)
+    return _Server(uvicorn_config, drains)
 
 
 def run(
@@ -213,9 +316,11 @@ def run(
     host: str = "127.0.0.1",
     port: int = 8000,
     config: SseConfig | None = None,
+    transport: Transport = "sse",
     sockets: Sequence[socket.socket] | None = None,
     **uvicorn_options: Any,
 ) -> None:
-    """Serve ``target`` over SSE with uvicorn until SIGINT or SIGTERM, then shut down gracefully."""
-    server = uvicorn_server(target, host=host, port=port, config=config, **uvicorn_options)
+    """Serve ``target`` with uvicorn (over ``transport``: ``"sse"``, ``"streamable-http"`` or
+    ``"both"``) until SIGINT or SIGTERM, then shut down gracefully."""
+    server = uvicorn_server(target, host=host, port=port, config=config, transport=transport, **uvicorn_options)
     anyio.run(lambda: server.serve(sockets=list(sockets) if sockets is not None else None))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
-from ._sdk import Inbound, types
+from ._sdk import Inbound, SessionMessage, types
 from .handler import SessionHandler
 from .ids import SEEN_REQUEST_IDS
 
@@ -21,8 +21,10 @@ __all__ = [
     "ACCEPTED",
     "NOT_FOUND",
     "NOT_HERE",
+    "REPEATED",
     "STORE_UNAVAILABLE",
     "Attempts",
+    "Delivery",
     "OneStream",
     "Outcome",
     "Restore",
@@ -30,13 +32,30 @@ __all__ = [
     "SeenIds",
     "Session",
     "SessionsFull",
+    "Stream",
 ]
+
+
+class Stream(Protocol):
+    """Where a session's outbound messages go: a :class:`SessionHandler`, or a front end's
+    stand-in (a JSON response body, a stream that ended)."""
+
+    @property
+    def tag(self) -> str: ...
+
+    async def send(self, data: bytes | str, *, event: str | None = "message") -> None: ...
+
+    async def flush(self) -> None: ...
 
 
 class Routing(Protocol):
     """Which of a session's streams an outbound message goes to: a front end's policy."""
 
-    def stream_for(self, message: types.JSONRPCMessage) -> SessionHandler: ...
+    def stream_for(self, item: SessionMessage) -> Stream: ...
+
+    def answered(self, request_id: types.RequestId, stream: Stream) -> None:
+        """``stream`` took the answer to ``request_id``."""
+        ...
 
 
 class OneStream:
@@ -48,8 +67,11 @@ class OneStream:
     def __init__(self, stream: SessionHandler) -> None:
         self.stream = stream
 
-    def stream_for(self, message: types.JSONRPCMessage) -> SessionHandler:
+    def stream_for(self, item: SessionMessage) -> Stream:
         return self.stream
+
+    def answered(self, request_id: types.RequestId, stream: Stream) -> None:
+        pass  # the one stream goes on
 
 
 @dataclass(slots=True)
@@ -161,7 +183,23 @@ class Outcome:
     """Put the refusal on the event stream too (stock clients drop a POST's answer)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a front end adds to a message it hands to the server (Streamable HTTP's hooks)."""
+
+    on_unanswered: Callable[[], Awaitable[None]] | None = None
+    """Runs if the request settles without an answer (it was cancelled)."""
+    close_stream: Callable[[], Awaitable[None]] | None = None
+    """Behind ``ctx.close_sse_stream()``: end the request's stream for the client to poll."""
+    close_standalone: Callable[[], Awaitable[None]] | None = None
+    can_send_request: bool = True
+    """Whether the request's channel can carry the server's own requests (not a JSON body)."""
+
+
 ACCEPTED = Outcome(202, "Accepted")
+REPEATED = Outcome(202, "Accepted")
+"""A request id the session accepted before (MCP forbids reuse: a POST sent again), not
+delivered twice: the legacy front end answers it as :data:`ACCEPTED`."""
 NOT_FOUND = Outcome(404, "Could not find session")
 NOT_HERE = Outcome(421, "Could not find session")
 """What a worker answers a message for a session it no longer serves (HTTP's Misdirected

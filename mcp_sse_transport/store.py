@@ -20,7 +20,15 @@ import anyio
 from .errors import StoreError
 from .ids import session_tag
 
-__all__ = ["BEFORE_FIRST", "EventStore", "InMemoryEventStore", "Replay", "StoredEvent", "append_riding_out"]
+__all__ = [
+    "BEFORE_FIRST",
+    "EventStore",
+    "InMemoryEventStore",
+    "Replay",
+    "StoredEvent",
+    "Unstored",
+    "append_riding_out",
+]
 
 logger = logging.getLogger("mcp_sse_transport")
 
@@ -170,6 +178,34 @@ class InMemoryEventStore:
 
     async def drop(self, session_id: str) -> None:
         self._logs.pop(session_id, None)
+
+
+class Unstored:
+    """A store that keeps nothing, for a stream no client can resume (a 2026-07-28 response
+    stream: a broken one loses its request). Tokens count up; every replay is refused."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def append_nowait(self, session_id: str, event: str | None, data: bytes) -> str:
+        self._last += 1
+        return str(self._last)
+
+    async def append(self, session_id: str, event: str | None, data: bytes) -> str:
+        return self.append_nowait(session_id, event, data)
+
+    async def replay(
+        self, session_id: str, after: str, until: str | None = None, *, limit: int | None = None
+    ) -> Replay | None:
+        return None
+
+    async def trim(self, session_id: str) -> None:
+        pass
+
+    async def drop(self, session_id: str) -> None:
+        pass
 
 
 async def _append_all(store: EventStore, session_id: str, batch: Sequence[tuple[str | None, bytes]]) -> list[str]:

@@ -236,9 +236,9 @@ class StreamState(Generic[C]):
         if connection is not self.connection:
             raise StreamStateError("this attachment was superseded or has already run")
 
-    def supersede(self, final: bytes) -> C | None:
-        """Mark the attached connection superseded, to end its stream with ``final``; returns it
-        (``None`` if none is attached)."""
+    def supersede(self, final: bytes | None) -> C | None:
+        """Mark the attached connection superseded, to end its stream with ``final`` (``None``:
+        just its end); returns it (``None`` if none is attached)."""
         connection = self.connection
         if connection is not None:
             connection.superseded = True

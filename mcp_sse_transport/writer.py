@@ -60,6 +60,7 @@ class StreamWriter:
         "_storing",
         "_stream",
         "config",
+        "epilogue",
         "guard",
         "session_id",
     )
@@ -78,6 +79,9 @@ class StreamWriter:
         self._changed: anyio.Event | None = None
         """Created when first waited on: an idle session should cost little."""
         self._last_activity = 0.0
+        self.epilogue: bytes | None = None
+        """Written after the final event of a stream that broke: a front end's answer to whoever
+        waits on the stream (a request whose response stream was cut loose)."""
         self.guard: Callable[[], Awaitable[None]] | None = None
         """Awaited before each write of events to a connection (not of heartbeats): returns once
         this worker may write them, raises once it may not (with Redis: its lease is lost)."""
@@ -215,6 +219,8 @@ class StreamWriter:
             ):
                 await self._pump(sink, connection, closed)
             final = stream.final_event(connection)
+            if final is not None and stream.failure is not None and self.epilogue is not None:
+                final += self.epilogue
             if final is not None:
                 # After a failure the client is likely stuck: one short, bounded try.
                 timeout = min(self.config.write_timeout, self.config.drain_timeout)

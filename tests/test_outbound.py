@@ -22,7 +22,7 @@ from mcp_sse_transport.errors import ErrorCode, SessionClosedError
 from mcp_sse_transport.handler import SessionHandler
 from mcp_sse_transport.ledger import MemoryRequestLedger
 from mcp_sse_transport.outbound import ServerWriteStream, id_too_long_error, report_id_too_long, report_parse_error
-from mcp_sse_transport.session import Session
+from mcp_sse_transport.session import OneStream, Session, Stream
 
 from ._handlers import parse, quiet_config
 from .test_handler import RecordingSink, start
@@ -37,20 +37,10 @@ class RecordingLedger(MemoryRequestLedger):
     """The in-memory ledger, noting which answers the server sent, into which stream."""
 
     def __init__(self) -> None:
-        self.answers: list[tuple[SessionHandler, types.RequestId]] = []
+        self.answers: list[tuple[Stream, types.RequestId]] = []
 
-    async def answered(self, session: Session, stream: SessionHandler, request_id: types.RequestId) -> None:
+    async def answered(self, session: Session, stream: Stream, request_id: types.RequestId) -> None:
         self.answers.append((stream, request_id))
-
-
-class ToStream:
-    """A routing policy that sends everything to one given stream."""
-
-    def __init__(self, stream: SessionHandler) -> None:
-        self.stream = stream
-
-    def stream_for(self, message: types.JSONRPCMessage) -> SessionHandler:
-        return self.stream
 
 
 @dataclass
@@ -136,7 +126,7 @@ async def test_send_goes_to_the_stream_the_routing_picks() -> None:
     other_sink = RecordingSink()
     async with rig() as r:
         other_runner = await start(r.tg, other, other_sink)
-        r.session.routing = ToStream(other)
+        r.session.routing = OneStream(other)
         response = types.JSONRPCResponse(jsonrpc="2.0", id=3, result={"content": []})
         await r.writer().send(SessionMessage(response))
         [event] = await events(other_sink, 1)

@@ -18,11 +18,10 @@ import anyio
 from .._sdk import dump, types
 from ..errors import FencedError, StoreError
 from ..fencing import REMOVE_PENDING
-from ..handler import SessionHandler
 from ..ids import SEEN_REQUEST_IDS, session_tag
 from ..ledger import Admission
 from ..redis_errors import redis_errors
-from ..session import Session
+from ..session import Session, Stream
 from .bus import Bus
 from .directory import Directory
 
@@ -175,7 +174,7 @@ class RedisRequestLedger:
         await self.record_handshake(session.session_id, "init", dump(initialize).encode())
         await self.record_handshake(session.session_id, "initialized", dump(initialized).encode())
 
-    async def answered(self, session: Session, stream: SessionHandler, request_id: types.RequestId) -> None:
+    async def answered(self, session: Session, stream: Stream, request_id: types.RequestId) -> None:
         await stream.flush()  # stored before it is struck off: this worker may die
         await self._strike_off(session, request_id)
 
