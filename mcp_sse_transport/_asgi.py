@@ -19,12 +19,12 @@ when bytes are still queued that the peer did not take. It may also offer
 ``"set_send_buffer"``, a callable taking the bytes of the socket's kernel send buffer
 (``SO_SNDBUF``). :mod:`mcp_sse_transport.serving` installs both for uvicorn."""
 
-SSE_HEADERS: Final = [
+SSE_HEADERS: Final = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
     (b"connection", b"keep-alive"),
     (b"x-accel-buffering", b"no"),
-]
+)
 
 
 def _offered(scope: Scope, name: str) -> Callable[..., object] | None:
@@ -47,15 +47,15 @@ async def open_stream(
     send: Send,
     scope: Scope | None = None,
     send_buffer: int | None = None,
-    headers: Sequence[tuple[bytes, bytes]] = (),
+    headers: Sequence[tuple[bytes, bytes]] = SSE_HEADERS,
 ) -> Sink:
-    """Send the event stream's response head (:data:`SSE_HEADERS` and ``headers``); returns the
-    sink that writes body chunks. First the socket's kernel send buffer is capped at
+    """Send the event stream's response head (``headers``); returns the sink that writes body
+    chunks. First the socket's kernel send buffer is capped at
     ``send_buffer`` bytes (``SseConfig``'s ``socket_send_buffer``), where the server offers that
     in ``scope``."""
     if scope is not None and send_buffer is not None and (cap := _offered(scope, "set_send_buffer")) is not None:
         cap(send_buffer)
-    await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
+    await send({"type": "http.response.start", "status": 200, "headers": list(headers)})
 
     async def sink(chunk: bytes) -> None:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -99,7 +99,7 @@ async def stream_session(
     attachment: Attachment | None = None,
     sink: Sink | None = None,
     arrived: int | None = None,
-    headers: Sequence[tuple[bytes, bytes]] = (),
+    headers: Sequence[tuple[bytes, bytes]] = SSE_HEADERS,
 ) -> None:
     """Serve ``handler``'s events as this request's response until the connection drops or the
     session ends. A new session comes with its ``attachment``; a resume (``after`` a token)

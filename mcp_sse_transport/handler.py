@@ -284,15 +284,21 @@ class SessionHandler(StreamWriter):
         await self._end_connection(encode_error(ErrorCode.SUPERSEDED, "Another connection resumed this session"))
 
     async def release(self) -> None:
-        """End the current connection's stream cleanly, the session staying open: the client
-        comes back with ``Last-Event-ID`` after ``retry:`` (Streamable HTTP's polling)."""
-        await self._end_connection(None)
+        """End the current connection's stream cleanly once the write in flight is done, the
+        session staying open: the client comes back with ``Last-Event-ID`` after ``retry:``
+        (Streamable HTTP's polling). What is queued waits for that resume."""
+        await self._end_connection(None, cut=False)
 
-    async def _end_connection(self, final: bytes | None) -> None:
+    async def _end_connection(self, final: bytes | None, *, cut: bool = True) -> None:
+        """End the attached connection's stream with ``final``: at once (``cut``: the write in
+        flight is cancelled), or after the write in flight."""
         connection = self._stream.supersede(final)
         if connection is None:
             return
-        self._wake_writer(connection)
+        if cut:
+            self._wake_writer(connection)
+        else:
+            self._wake()
         with anyio.move_on_after(self.config.drain_timeout, shield=True):
             while self._stream.connection is connection:
                 await self._change().wait()

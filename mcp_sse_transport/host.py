@@ -242,7 +242,7 @@ class SessionHost:
             if first_time is None:
                 logger.warning("session %s: refused a request: too many unanswered", session.handler.tag)
                 return Outcome(503, "Too many requests in flight", retry=True)
-            if not first_time:
+            if not first_time and (delivery is None or delivery.once):
                 # MCP forbids reusing a request id in a session: this is a POST sent again by a
                 # client that could not tell whether the first arrived. It did; the answer comes once.
                 logger.info("session %s: a request was POSTed again; not delivered twice", session.handler.tag)

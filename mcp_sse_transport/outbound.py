@@ -49,17 +49,20 @@ class ServerWriteStream:
         routing = self._session.routing
         stream = routing.stream_for(item)
         try:
-            data = serialize(message)
-        except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
-            await self._report(stream, message, _Unsendable.unserializable(exc))
-        else:
             try:
-                await stream.send(data)
-            except EventTooLargeError as exc:
-                await self._report(stream, message, _Unsendable.too_large(exc))
+                data = serialize(message)
+            except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
+                await self._report(stream, message, _Unsendable.unserializable(exc))
+            else:
+                try:
+                    await stream.send(data)
+                except EventTooLargeError as exc:
+                    await self._report(stream, message, _Unsendable.too_large(exc))
+        finally:
+            if answered is not None:  # sent, or its stream broke: either way the request is settled
+                routing.answered(answered, stream)
         if answered is not None:
             await self._ledger.answered(self._session, stream, answered)
-            routing.answered(answered, stream)
 
     async def _report(self, stream: Stream, message: types.JSONRPCMessage, why: _Unsendable) -> None:
         await _report_unsendable(self._session, stream, self._task_group, message, why)

@@ -18,6 +18,7 @@ from typing import Any
 from uuid import uuid4
 
 import anyio
+import anyio.lowlevel
 
 from ._sdk import SessionMessage, answered_id, dump, jsonrpc_error, related_request_id, types
 from .config import SseConfig
@@ -50,6 +51,7 @@ class JsonReply:
         self.ready = anyio.Event()
 
     async def send(self, data: bytes | str, *, event: str | None = "message") -> None:
+        await anyio.lowlevel.checkpoint()  # a producer sending again and again still yields
         if event == "message" and self.body is None:
             self.body = data.encode() if isinstance(data, str) else data
             self.ready.set()
@@ -67,6 +69,7 @@ class _Nowhere:
         self.tag = tag
 
     async def send(self, data: bytes | str, *, event: str | None = "message") -> None:
+        await anyio.lowlevel.checkpoint()  # a producer sending again and again still yields
         logger.debug("session %s: dropped a message for a stream that ended", self.tag)
 
     async def flush(self) -> None:
@@ -117,29 +120,33 @@ class SessionStreams:
     # -- routing -----------------------------------------------------------------------------
 
     def stream_for(self, item: SessionMessage) -> Stream:
-        message = item.message
-        target = answered_id(message)
+        answered = answered_id(item.message)
+        target = answered if answered is not None else related_request_id(item)
         if target is None:
-            target = related_request_id(item)
-        if target is None:
-            # Neither an answer nor a request's own: the standalone stream, while it lives.
-            return self.standalone if not self.standalone.ended else self._nowhere
+            # Neither an answer nor a request's own: the standalone stream (one that broke
+            # raises its error, until a GET renews it).
+            return self.standalone
         entry = self._requests.get(_key(target))
-        if entry is None:
+        if entry is None:  # answered already, or never ours
             return self._nowhere
-        stream = entry.stream
-        if isinstance(stream, SessionHandler) and stream.ended:
-            return self._nowhere
-        return stream
+        if isinstance(entry.stream, JsonReply) and answered is None:
+            return self._nowhere  # a JSON body has room for the answer only
+        # A stream that broke before the answer raises its error (SlowConsumerError, say) to
+        # whoever still writes for the request: the producer learns the client is gone.
+        return entry.stream
 
     def answered(self, request_id: types.RequestId, stream: Stream) -> None:
         entry = self._requests.get(_key(request_id))
         if entry is None or entry.stream is not stream:
             return
         del self._requests[_key(request_id)]
-        if isinstance(stream, SessionHandler):
+        if not isinstance(stream, SessionHandler):
+            return
+        if stream.ended:  # it broke before the answer: its epilogue answers a resume
+            self._spawn(partial(self.retire, stream))
+        else:
             stream.epilogue = None  # answered: a break from now on owes nobody an answer
-            self._spawn(lambda: self._finish(stream))
+            self._spawn(partial(self._finish, stream))
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -166,13 +173,11 @@ class SessionStreams:
         self._requests[_key(request_id)] = _Request(request_id, reply)
         return reply
 
-    def withdraw(self, request_id: types.RequestId, stream: Stream) -> None:
-        """The request never reached the server: its stream goes."""
+    def withdraw(self, request_id: types.RequestId, reply: JsonReply) -> None:
+        """The request never reached the server: nothing answers it through ``reply``."""
         entry = self._requests.get(_key(request_id))
-        if entry is not None and entry.stream is stream:
+        if entry is not None and entry.stream is reply:
             del self._requests[_key(request_id)]
-        if isinstance(stream, SessionHandler):
-            self._streams.pop(stream.session_id, None)
 
     def find(self, stream_id: str) -> SessionHandler | None:
         """The stream a ``Last-Event-ID`` names (the standalone one's id is the session's)."""
@@ -220,8 +225,12 @@ class SessionStreams:
         await self._store.drop(stream.session_id)
 
     def _forget_oldest_ended(self) -> None:
-        for stream_id, stream in self._streams.items():
-            if stream.ended:
-                del self._streams[stream_id]
-                self._spawn(partial(self._store.drop, stream_id))
-                return
+        """Forget the oldest stream that ended with its answer; else the oldest that broke
+        before it (a client is likelier to come back for that one)."""
+        ended = [
+            (stream.epilogue is not None, stream_id) for stream_id, stream in self._streams.items() if stream.ended
+        ]
+        if ended:
+            _, stream_id = min(ended, key=lambda entry: entry[0])  # min is stable: the oldest of its kind
+            del self._streams[stream_id]
+            self._spawn(partial(self._store.drop, stream_id))

@@ -194,6 +194,9 @@ class Delivery:
     close_standalone: Callable[[], Awaitable[None]] | None = None
     can_send_request: bool = True
     """Whether the request's channel can carry the server's own requests (not a JSON body)."""
+    once: bool = True
+    """Deliver a request id the session accepted before only once (legacy SSE: a POST sent
+    again); False delivers it anew (Streamable HTTP clients reuse ids, as the SDK's tests do)."""
 
 
 ACCEPTED = Outcome(202, "Accepted")

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from ._sdk import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     DEFAULT_MAX_SESSIONS,
+    DEFAULT_NEGOTIATED_VERSION,
     DEFAULT_SESSION_IDLE_TIMEOUT,
     MCP_PROTOCOL_VERSION_HEADER,
     MCP_SESSION_ID_HEADER,
@@ -145,6 +146,11 @@ class StreamableHTTPSessionManager:
     def config(self) -> SseConfig:
         return self._config
 
+    @property
+    def _server_instances(self) -> dict[str, HostedSession]:
+        """The stock manager's session map, for code that inspects it: open sessions by id."""
+        return dict(self._sessions)
+
     def statistics(self) -> RegistryStatistics:
         """A snapshot of every open session's standalone stream."""
         return self._host.statistics()
@@ -241,8 +247,9 @@ class StreamableHTTPSessionManager:
                 )
                 return await error(scope, receive, send)
             last_event_id = request.headers.get("last-event-id")
+            version = request.headers.get(MCP_PROTOCOL_VERSION_HEADER, DEFAULT_NEGOTIATED_VERSION)
             del request
-            await hosted.get(last_event_id, Responder(scope, receive, send))
+            await hosted.get(last_event_id, version, Responder(scope, receive, send))
         elif method == "DELETE":
             del self._sessions[hosted.session_id]
             hosted.terminate()

@@ -9,7 +9,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -44,9 +44,19 @@ from .session import ACCEPTED, NOT_HERE, REPEATED, Delivery, Outcome, Session
 from .store import BEFORE_FIRST, EventStore
 from .stream_state import FailureKind
 
-__all__ = ["HostedSession", "Responder", "json_error"]
+__all__ = ["STREAM_HEADERS", "HostedSession", "Responder", "json_error"]
 
 logger = logging.getLogger("mcp_sse_transport")
+
+STREAM_HEADERS: Final = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+]
+"""An event stream's response head, as the SDK's Streamable HTTP transport sends it."""
+
+_NOTIFICATION = Delivery(once=False)
 
 
 def json_error(
@@ -212,7 +222,7 @@ class HostedSession:
         """Hand a POSTed message to the server: a request's answer is this POST's response (an
         event stream, or JSON), anything else gets 202 once the server has it."""
         if not isinstance(message, types.JSONRPCRequest):
-            outcome = await self._host.deliver_message(self.session, message, body, request)
+            outcome = await self._host.deliver_message(self.session, message, body, request, _NOTIFICATION)
             return await responder.respond(self._refusal(outcome) or Response(None, 202, headers=self.headers()))
         if message.method == "initialize" and message.params:
             version = str(message.params.get("protocolVersion", DEFAULT_NEGOTIATED_VERSION))
@@ -230,7 +240,7 @@ class HostedSession:
         self, message: types.JSONRPCRequest, body: bytes, request: Request, responder: Responder
     ) -> None:
         reply = self.streams.open_json(message.id)
-        delivery = Delivery(on_unanswered=partial(self._cancelled, message.id), can_send_request=False)
+        delivery = Delivery(on_unanswered=partial(self._cancelled, message.id), can_send_request=False, once=False)
         outcome = await self._host.deliver_message(self.session, message, body, request, delivery)
         refusal = self._refusal(outcome)
         if refusal is not None:
@@ -253,16 +263,15 @@ class HostedSession:
         attachment = stream.attach()  # before the server can write: nothing is taken for detached
         primed = primes_streams(version)
         preface = b""
-        delivery = Delivery(on_unanswered=partial(self._cancelled, message.id))
+        delivery = Delivery(on_unanswered=partial(self._cancelled, message.id), once=False)
         if primed:
-            event_id = format_event_id(stream.session_id, BEFORE_FIRST, stream.secret)
-            preface = encode_event(b"", id=event_id, retry=self._config.retry_ms)
+            preface = self._priming(stream, BEFORE_FIRST)
             delivery = Delivery(
                 on_unanswered=delivery.on_unanswered,
                 close_stream=stream.release,
                 close_standalone=self._release_standalone,
             )
-        headers = [(MCP_SESSION_ID_HEADER.encode(), self.session_id.encode())]
+        headers = self._stream_headers()
         async with anyio.create_task_group() as tg:
             tg.start_soon(
                 partial(
@@ -277,13 +286,11 @@ class HostedSession:
                 )
             )
             outcome = await self._host.deliver_message(self.session, message, body, request, delivery)
-            if outcome is not ACCEPTED:
-                self.streams.withdraw(message.id, stream)
+            if outcome is not ACCEPTED:  # not delivered: the stream carries the refusal as its answer
                 text = "Request id already used in this session" if outcome is REPEATED else outcome.text
-                stream.epilogue = None
                 with suppress(*CLOSED):
                     await stream.send(dump(jsonrpc_error(message.id, text, ErrorCode.INVALID_REQUEST)))
-                await stream.close()
+                self.streams.answered(message.id, stream)
 
     def _refusal(self, outcome: Outcome) -> Response | None:
         if outcome is ACCEPTED:
@@ -307,10 +314,10 @@ class HostedSession:
 
     # -- GET -----------------------------------------------------------------------------------
 
-    async def get(self, last_event_id: str | None, responder: Responder) -> None:
+    async def get(self, last_event_id: str | None, version: str, responder: Responder) -> None:
         """The standalone stream, or (with ``Last-Event-ID``) the resume of the stream it names."""
         if last_event_id:
-            return await self._resume(last_event_id, responder)
+            return await self._resume(last_event_id, version, responder)
         standalone = self.streams.standalone
         if standalone.attached:
             error = json_error("Conflict: Only one SSE stream is allowed per session", 409, session=self.session_id)
@@ -327,13 +334,28 @@ class HostedSession:
         self.session.handler = standalone
         return standalone
 
+    def _stream_headers(self) -> list[tuple[bytes, bytes]]:
+        return [*STREAM_HEADERS, (MCP_SESSION_ID_HEADER.encode(), self.session_id.encode())]
+
     async def _stream(self, stream: SessionHandler, responder: Responder, preface: bytes = b"", **options: Any) -> None:
-        headers = [(MCP_SESSION_ID_HEADER.encode(), self.session_id.encode())]
         await stream_session(
-            stream, responder.scope, responder.receive, responder.send, preface, headers=headers, **options
+            stream,
+            responder.scope,
+            responder.receive,
+            responder.send,
+            preface,
+            headers=self._stream_headers(),
+            **options,
         )
 
-    async def _resume(self, last_event_id: str, responder: Responder) -> None:
+    def _priming(self, stream: SessionHandler, token: str) -> bytes:
+        """The event a 2025-11-25 client gets first on a response stream: an id (the position
+        ``token``) and ``retry``, no data, so a cut before anything else still resumes."""
+        return encode_event(
+            b"", id=format_event_id(stream.session_id, token, stream.secret), retry=self._config.retry_ms
+        )
+
+    async def _resume(self, last_event_id: str, version: str, responder: Responder) -> None:
         parsed = parse_event_id(last_event_id)
         stream = self.streams.find(parsed.session_id) if parsed is not None else None
         try:
@@ -358,13 +380,14 @@ class HostedSession:
         if stream.ended:
             return await self._replay_ended(stream, parsed.token, responder)
         logger.info("session %s: resuming a stream", self.tag)
-        await self._stream(stream, responder, after=parsed.token)
+        # As stock, a resumed stream is primed again: the client learns it is back in place.
+        preface = self._priming(stream, parsed.token) if primes_streams(version) else b""
+        await self._stream(stream, responder, preface, after=parsed.token)
 
     async def _replay_ended(self, stream: SessionHandler, after: str, responder: Responder) -> None:
         """A stream that ended (answered, or cut loose) replays what the client missed, then ends."""
         config = self._config
-        headers = [(MCP_SESSION_ID_HEADER.encode(), self.session_id.encode())]
-        sink = await open_stream(responder.send, responder.scope, config.socket_send_buffer, headers)
+        sink = await open_stream(responder.send, responder.scope, config.socket_send_buffer, self._stream_headers())
         prefix = event_id_prefix(stream.session_id, stream.secret)
         written = True
         try:

@@ -76,8 +76,15 @@ class RawSseStream:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, base_url: str, path: str = "/sse", headers: dict[str, str] | None = None, rcvbuf: int | None = None
+        cls,
+        base_url: str,
+        path: str = "/sse",
+        headers: dict[str, str] | None = None,
+        rcvbuf: int | None = None,
+        *,
+        post: bytes | None = None,
     ) -> AsyncIterator[RawSseStream]:
+        """A GET of ``path`` (a POST of ``post``, as JSON, when given), its head read."""
         host, port = base_url.removeprefix("http://").split(":")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # before connect, so the TCP window stays small too
@@ -85,9 +92,15 @@ class RawSseStream:
         sock.connect((host, int(port)))  # loopback, into the listening backlog: immediate
         stream = await anyio.abc.SocketStream.from_socket(sock)
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        await stream.send(
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n{extra}\r\n".encode()
-        )
+        if post is None:
+            head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n{extra}\r\n"
+            await stream.send(head.encode())
+        else:
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/json, text/event-stream\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(post)}\r\n{extra}\r\n"
+            )
+            await stream.send(head.encode() + post)
         raw = cls(stream)
         try:
             await raw._read_head()

@@ -29,6 +29,7 @@ def test_defaults() -> None:
     assert config.socket_send_buffer == 256 * 1024
     assert config.max_event_bytes == 4 * 1024 * 1024
     assert config.max_request_id_bytes == 256
+    assert config.max_session_streams == 100
 
 
 def test_valid_values_accepted() -> None:
@@ -103,11 +104,16 @@ def test_socket_send_buffer_accepts_bytes_or_none(value: int | None) -> None:
     assert SseConfig(socket_send_buffer=value).socket_send_buffer == value
 
 
-@pytest.mark.parametrize("field", ["max_sessions", "socket_send_buffer"])
+@pytest.mark.parametrize("field", ["max_sessions", "max_session_streams", "socket_send_buffer"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, 4096.0, "4096", True, False])
 def test_invalid_optional_counts(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=rf"^{field} must be a positive integer or None, got {value!r}$"):
         SseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [1, 100, 128, None])
+def test_max_session_streams_accepts_a_count_or_none(value: int | None) -> None:
+    assert SseConfig(max_session_streams=value).max_session_streams == value
 
 
 def test_frozen() -> None:

@@ -19,10 +19,12 @@ from mcp_sse_transport import (
     Grant,
     SessionHandler,
     SessionState,
+    SlowConsumerError,
     encode_event,
 )
 from mcp_sse_transport.events import HEARTBEAT
 from mcp_sse_transport.ids import parse_event_id
+from mcp_sse_transport.stream_state import FailureKind
 
 from ._handlers import parse, quiet_config
 
@@ -378,3 +380,121 @@ async def drop_and_resume(handler: SessionHandler) -> tuple[Runner, Runner, Reco
         await handler.close()
         await second.done.wait()
     return first, second, second_sink
+
+
+# -- release, last_token, failure -----------------------------------------------------------------
+
+
+async def test_release_ends_the_connections_stream_cleanly_and_the_session_stays_open() -> None:
+    """Streamable HTTP's polling: the stream ends with its terminator, no final event, and the
+    session waits for the client to come back."""
+    with anyio.fail_after(5):
+        handler = new_handler()
+        sink = RecordingSink()
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink)
+            await handler.send("e1")
+            await sink.wait_chunks(1)
+            await handler.release()
+            assert runner.done.is_set(), "release returns once the connection's stream ended"
+            assert runner.graceful is True, "a clean end: the terminator is written"
+            assert sink.chunks == [message(1, "e1")], "no final event"
+            stats = handler.statistics()
+            assert (stats.state, stats.attached) == (SessionState.OPEN, False)
+            assert not handler.failed and handler.failure is None
+            await handler.send("e2")  # produced while the client is away
+        assert not handler.ended
+
+
+async def test_a_run_after_release_resumes_from_the_last_event_seen() -> None:
+    with anyio.fail_after(5):
+        handler = new_handler()
+        first_sink, second_sink = RecordingSink(), RecordingSink()
+        async with anyio.create_task_group() as tg:
+            first = await start(tg, handler, first_sink)
+            await handler.send("e1")
+            await first_sink.wait_chunks(1)
+            await handler.release()
+            await handler.send("e2")
+            second = await start(tg, handler, second_sink, after="1")
+            await handler.send("e3")
+            await handler.close()
+            await second.done.wait()
+        assert first.graceful is True and second.graceful is True
+        assert second_sink.data == message(2, "e2") + message(3, "e3")
+        assert handler.statistics().connections == 2
+        assert handler.state is SessionState.CLOSED
+
+
+async def test_release_without_a_connection_does_nothing() -> None:
+    with anyio.fail_after(5):
+        handler = new_handler()
+        await handler.release()
+        assert handler.state is SessionState.OPEN
+        assert not handler.attached
+
+
+async def test_release_waits_for_the_write_in_flight_and_leaves_what_is_queued_for_the_resume() -> None:
+    with anyio.fail_after(5):
+        handler = new_handler()
+        sink = RecordingSink(gated=True)
+        released = anyio.Event()
+
+        async def release() -> None:
+            await handler.release()
+            released.set()
+
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink)
+            await handler.send("e1")
+            await sink.wait_chunks(1)  # e1 is being written
+            await handler.send("e2")
+            tg.start_soon(release)
+            await anyio.wait_all_tasks_blocked()
+            assert not released.is_set(), "the write in flight is not cut short"
+            sink.open()
+            await released.wait()
+            await runner.done.wait()
+            assert runner.graceful is True
+            assert sink.data == message(1, "e1"), "e2 waits for the next connection"
+            resumed = RecordingSink()
+            second = await start(tg, handler, resumed, after="1")
+            await handler.close()
+            await second.done.wait()
+        assert resumed.data == message(2, "e2")
+
+
+async def test_last_token_is_the_newest_stored_events_and_a_continuing_handler_starts_from_it() -> None:
+    with anyio.fail_after(5):
+        handler = new_handler()
+        assert handler.last_token is None
+        await handler.send("e1")
+        await handler.send("e2")
+        assert handler.last_token == "2"
+        continued = SessionHandler(SESSION, config(), last_token="7")
+        assert continued.last_token == "7"
+
+
+async def test_failure_says_why_the_session_broke() -> None:
+    with anyio.fail_after(5):
+        open_handler = new_handler()
+        assert open_handler.failure is None
+
+        closed = new_handler()
+        await closed.close()
+        assert closed.failure is None, "a graceful close is no failure"
+
+        aborted = new_handler()
+        aborted.abort("the server is going away")
+        assert aborted.failure is FailureKind.CONNECTION_LOST
+
+        evicted = new_handler(max_buffered_events=1, slow_consumer_policy="disconnect")
+        await evicted.send("fills the buffer")
+        with pytest.raises(SlowConsumerError):
+            await evicted.send("no room")
+        assert evicted.failure is FailureKind.SLOW_CONSUMER
+
+        expired = new_handler(session_grace=0.01)
+        await expired.linger()  # nobody ever attaches
+        assert expired.failure is FailureKind.EXPIRED
+        assert all(h.failed for h in (aborted, evicted, expired))

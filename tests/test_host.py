@@ -9,7 +9,7 @@ test_probe_sessions.py; takeovers (``SessionHost.run``) are in test_cluster*.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -18,12 +18,13 @@ import mcp_types as types
 import pytest
 from starlette.requests import Request
 
-from mcp_sse_transport import ErrorCode, InMemoryEventStore, SseConfig
-from mcp_sse_transport._sdk import RESTORED_REQUEST_ID, ContextReceiveStream, SessionMessage
+from mcp_sse_transport import ErrorCode, InMemoryEventStore, SseConfig, _sdk
+from mcp_sse_transport._sdk import RESTORED_REQUEST_ID, ContextReceiveStream, ServerMessageMetadata, SessionMessage
 from mcp_sse_transport.backplane import LocalBackplane
 from mcp_sse_transport.errors import StoreError
 from mcp_sse_transport.host import SessionHost
-from mcp_sse_transport.session import ACCEPTED, NOT_HERE, Restore, Session, SessionsFull
+from mcp_sse_transport.ledger import MemoryRequestLedger
+from mcp_sse_transport.session import ACCEPTED, NOT_HERE, REPEATED, Delivery, Restore, Session, SessionsFull
 
 from ._handlers import parse, quiet_config
 from .test_handler import RecordingSink, Runner, start
@@ -507,3 +508,140 @@ async def test_a_request_whose_delivery_was_cancelled_is_delivered_when_sent_aga
             await server.wait_for(lambda: any(getattr(m, "id", None) == 1 for m in server.messages))
             tg.cancel_scope.cancel()
     assert [getattr(m, "method", None) for m in server.messages] == ["initialize", "notifications/initialized", "ping"]
+
+
+# -- deliver_message and a front end's Delivery -----------------------------------------------------
+
+
+class HookedLedger(MemoryRequestLedger):
+    """The in-memory ledger with an unanswered hook of its own for each request, as Redis's has."""
+
+    def __init__(self, ran: list[str]) -> None:
+        self.ran = ran
+
+    def on_unanswered(self, session: Session, message: types.JSONRPCMessage) -> Callable[[], Awaitable[None]] | None:
+        if not isinstance(message, types.JSONRPCRequest):
+            return None
+        request_id = message.id
+
+        async def unanswered() -> None:
+            self.ran.append(f"ledger {request_id}")
+
+        return unanswered
+
+
+def hooked_host(ran: list[str]) -> SessionHost:
+    backplane = LocalBackplane(InMemoryEventStore())
+    backplane.ledger = HookedLedger(ran)
+    return SessionHost(quiet_config(), backplane)
+
+
+def recorder(ran: list[str], name: str) -> Callable[[], Awaitable[None]]:
+    async def hook() -> None:
+        ran.append(name)
+
+    return hook
+
+
+async def delivered_metadata(
+    host: SessionHost, body: bytes, request: Request, delivery: Delivery | None
+) -> ServerMessageMetadata:
+    """Deliver ``body`` through ``deliver_message``; the metadata the server got with it."""
+    session, read_stream = await host.open(SESSION, "", None)
+    server = ServerSide(read_stream)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server)
+        outcome = await host.deliver_message(session, _sdk.parse(body), body, request, delivery)
+        assert outcome is ACCEPTED
+        await server.wait_for(lambda: len(server.items) == 1)
+        tg.cancel_scope.cancel()
+    (item,) = server.items
+    assert isinstance(item, SessionMessage)
+    assert isinstance(item.metadata, ServerMessageMetadata)
+    return item.metadata
+
+
+async def test_deliver_message_runs_the_ledgers_unanswered_hook_then_the_front_ends() -> None:
+    ran: list[str] = []
+    request = post_request()
+    close_stream, close_standalone = recorder(ran, "close stream"), recorder(ran, "close standalone")
+    delivery = Delivery(
+        on_unanswered=recorder(ran, "front end"),
+        close_stream=close_stream,
+        close_standalone=close_standalone,
+        can_send_request=False,
+    )
+    with anyio.fail_after(5):
+        meta = await delivered_metadata(hooked_host(ran), request_body(3), request, delivery)
+        assert meta.request_context is request
+        assert meta.close_sse_stream is close_stream
+        assert meta.close_standalone_sse_stream is close_standalone
+        assert meta.can_send_request is False
+        assert meta.on_request_unanswered is not None
+        assert ran == [], "nothing runs until the request settles unanswered"
+        await meta.on_request_unanswered()
+    assert ran == ["ledger 3", "front end"]
+
+
+async def test_deliver_message_without_a_ledger_hook_runs_the_front_ends_alone() -> None:
+    ran: list[str] = []
+    host, _ = new_host()  # the in-memory ledger has no hook
+    with anyio.fail_after(5):
+        meta = await delivered_metadata(host, request_body(3), post_request(), Delivery(recorder(ran, "front end")))
+        assert meta.on_request_unanswered is not None
+        await meta.on_request_unanswered()
+    assert ran == ["front end"]
+    assert meta.can_send_request is True
+    assert (meta.close_sse_stream, meta.close_standalone_sse_stream) == (None, None)
+
+
+async def test_deliver_message_with_no_hook_on_either_side_sets_none() -> None:
+    host, _ = new_host()
+    with anyio.fail_after(5):
+        meta = await delivered_metadata(host, request_body(3), post_request(), Delivery())
+    assert meta.on_request_unanswered is None
+
+
+async def test_deliver_message_without_a_delivery_runs_the_ledgers_hook_only() -> None:
+    ran: list[str] = []
+    with anyio.fail_after(5):
+        meta = await delivered_metadata(hooked_host(ran), request_body("r"), post_request(), None)
+        assert meta.on_request_unanswered is not None
+        await meta.on_request_unanswered()
+    assert ran == ["ledger r"]
+    assert meta.can_send_request is True
+    assert (meta.close_sse_stream, meta.close_standalone_sse_stream) == (None, None)
+
+
+async def test_deliver_message_of_a_repeated_request_id_is_repeated_and_not_delivered_again() -> None:
+    host, _ = new_host()
+    with anyio.fail_after(5):
+        session, read_stream = await host.open(SESSION, "", None)
+        server = ServerSide(read_stream)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server)
+            body = request_body(1)
+            assert await host.deliver_message(session, _sdk.parse(body), body, post_request()) is ACCEPTED
+            again = await host.deliver_message(session, _sdk.parse(body), body, post_request(), Delivery())
+            assert again is REPEATED
+            assert await host.deliver(session, body, post_request()) is REPEATED, "the legacy path too"
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+    assert len(server.items) == 1
+
+
+async def test_deliver_message_delivers_a_reused_id_anew_when_the_delivery_is_not_once() -> None:
+    """Streamable HTTP clients reuse ids once answered: such a front end asks for each delivery."""
+    host, _ = new_host()
+    with anyio.fail_after(5):
+        session, read_stream = await host.open(SESSION, "", None)
+        server = ServerSide(read_stream)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server)
+            body = request_body(1)
+            anew = Delivery(once=False)
+            assert await host.deliver_message(session, _sdk.parse(body), body, post_request(), anew) is ACCEPTED
+            assert await host.deliver_message(session, _sdk.parse(body), body, post_request(), anew) is ACCEPTED
+            await server.wait_for(lambda: len(server.items) == 2)
+            tg.cancel_scope.cancel()
+    assert [getattr(message, "id", None) for message in server.messages] == [1, 1]

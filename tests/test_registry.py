@@ -85,6 +85,22 @@ def test_duplicate_add_error_does_not_leak_the_session_id() -> None:
     assert session_id not in str(caught.value)
 
 
+async def test_refuse_new_marks_the_registry_shutting_down_and_touches_no_session() -> None:
+    with anyio.fail_after(5):
+        registry: SessionRegistry[Entry] = SessionRegistry()
+        handler = make_handler("a" * 32)
+        registry.add("a" * 32, Entry(handler))
+        assert not registry.shutting_down
+        registry.refuse_new()
+        assert registry.shutting_down
+        assert registry.statistics().shutting_down
+        registry.refuse_new()
+        assert registry.shutting_down, "idempotent"
+        assert handler.state is SessionState.OPEN, "open sessions go on"
+        await handler.send("still flowing")
+        assert registry.get("a" * 32) is not None and len(registry) == 1
+
+
 async def test_statistics_aggregate() -> None:
     with anyio.fail_after(5):
         registry: SessionRegistry[Entry] = SessionRegistry()

@@ -136,3 +136,34 @@ async def test_a_long_replay_is_read_from_the_store_in_pages_and_arrives_whole_i
         assert [event.data for event in events] == [f"e{n}" for n in range(count)]
         assert [event.id for event in events] == [f"{SESSION}.{SECRET}:{n + 1}" for n in range(count)]
         assert store.pages == [REPLAY_PAGE, REPLAY_PAGE, REPLAY_PAGE, 5]
+
+
+# -- RAW -------------------------------------------------------------------------------------------
+
+
+def test_raw_data_is_written_as_it_is_without_an_id() -> None:
+    data = b"event: message\r\nid: the-sdks-own\r\ndata: {}\r\n\r\n"
+    assert replay.RAW == ""
+    assert replay.encode_stored(data, replay.RAW, PREFIX.encode(), "9") == data
+    unnamed = replay.encode_stored(b"x", None, PREFIX.encode(), "9")
+    assert unnamed == message(9, "x", None), "an event without a name is not RAW: it gets its id"
+    assert unnamed != b"x"
+
+
+async def test_raw_events_go_to_the_connection_and_are_replayed_unchanged() -> None:
+    raw = [b": comment\r\n\r\n", b"data: one\r\n\r\n", b"event: message\r\ndata: two\r\n\r\n"]
+    with anyio.fail_after(5):
+        store = InMemoryEventStore()
+        handler = SessionHandler(SESSION, config(), store, secret=SECRET)
+        sink = RecordingSink()
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink)
+            for chunk in raw:
+                await handler.send(chunk, event=replay.RAW)
+            await handler.send("tracked")
+            await handler.close()
+            await runner.done.wait()
+        assert sink.data == b"".join(raw) + message(4, "tracked"), "RAW data still takes its token"
+        ((chunk, events, token),) = await _chunks(store, BEFORE_FIRST)
+        assert chunk == sink.data
+        assert (events, token) == (4, "4")

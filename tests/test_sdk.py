@@ -13,6 +13,7 @@ from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, auth_
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, RequireAuthMiddleware
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
+from mcp.shared.message import ClientMessageMetadata
 from pydantic import AnyHttpUrl
 from starlette.authentication import BaseUser, SimpleUser, UnauthenticatedUser
 from starlette.middleware.authentication import AuthenticationMiddleware
@@ -22,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from mcp_sse_transport import _sdk
-from mcp_sse_transport._sdk import MCPServer, Server, SessionMessage, ValidationError, types
+from mcp_sse_transport._sdk import MCPServer, Server, ServerMessageMetadata, SessionMessage, ValidationError, types
 
 # -- parse ---------------------------------------------------------------------------------------
 
@@ -244,6 +245,73 @@ async def test_metadata_sets_the_unanswered_hook() -> None:
     with anyio.fail_after(5):
         await result.on_request_unanswered()
     assert ran.is_set()
+
+
+def test_metadata_carries_no_close_callbacks_and_allows_server_requests_by_default() -> None:
+    result = _sdk.metadata(_request())
+    assert result.close_sse_stream is None
+    assert result.close_standalone_sse_stream is None
+    assert result.can_send_request is True
+    assert result.related_request_id is None
+
+
+@pytest.mark.anyio
+async def test_metadata_carries_the_close_callbacks_and_can_send_request() -> None:
+    closed: list[str] = []
+
+    async def close_stream() -> None:
+        closed.append("stream")
+
+    async def close_standalone() -> None:
+        closed.append("standalone")
+
+    result = _sdk.metadata(
+        _request(), close_stream=close_stream, close_standalone=close_standalone, can_send_request=False
+    )
+    assert result.close_sse_stream is close_stream
+    assert result.close_standalone_sse_stream is close_standalone
+    assert result.can_send_request is False
+    assert result.on_request_unanswered is None
+    with anyio.fail_after(5):
+        await result.close_sse_stream()
+        await result.close_standalone_sse_stream()
+    assert closed == ["stream", "standalone"]
+
+
+def test_related_request_id_is_the_servers_metadata_s_related_request() -> None:
+    notification = types.JSONRPCNotification(jsonrpc="2.0", method="notifications/progress")
+    for related in (5, "a"):
+        item = SessionMessage(notification, metadata=ServerMessageMetadata(related_request_id=related))
+        assert _sdk.related_request_id(item) == related
+    assert _sdk.related_request_id(SessionMessage(notification, metadata=ServerMessageMetadata())) is None
+    assert _sdk.related_request_id(SessionMessage(notification)) is None
+    client_side = ClientMessageMetadata(resumption_token="t")
+    assert _sdk.related_request_id(SessionMessage(notification, metadata=client_side)) is None
+
+
+@pytest.mark.parametrize("version", [None, "2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"])
+def test_handshake_era_for_no_header_and_the_sdks_handshake_versions(version: str | None) -> None:
+    assert _sdk.handshake_era(version)
+
+
+@pytest.mark.parametrize("version", ["2026-07-28", "2099-01-01", "garbage", ""])
+def test_handshake_era_not_for_any_other_version(version: str) -> None:
+    """Those go to the SDK's single-exchange entry, which validates them."""
+    assert not _sdk.handshake_era(version)
+
+
+@pytest.mark.parametrize(
+    ("version", "primes"),
+    [
+        ("2024-11-05", False),
+        ("2025-03-26", False),
+        ("2025-06-18", False),
+        ("2025-11-25", True),
+        ("2026-07-28", True),
+    ],
+)
+def test_primes_streams_from_2025_11_25_on(version: str, primes: bool) -> None:
+    assert _sdk.primes_streams(version) is primes
 
 
 # -- owner_fingerprint ---------------------------------------------------------------------------

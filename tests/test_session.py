@@ -16,8 +16,10 @@ from mcp_sse_transport.session import (
     ACCEPTED,
     NOT_FOUND,
     NOT_HERE,
+    REPEATED,
     STORE_UNAVAILABLE,
     Attempts,
+    Delivery,
     OneStream,
     Outcome,
     Restore,
@@ -193,3 +195,28 @@ def test_sessions_full_is_a_plain_exception() -> None:
     assert issubclass(SessionsFull, Exception)
     assert not issubclass(SessionsFull, anyio.ClosedResourceError | anyio.BrokenResourceError)
     assert str(SessionsFull("max_sessions reached")) == "max_sessions reached"
+
+
+# -- Delivery, REPEATED ----------------------------------------------------------------------------
+
+
+def test_delivery_defaults_add_nothing_and_allow_server_requests() -> None:
+    delivery = Delivery()
+    assert delivery.on_unanswered is None
+    assert delivery.close_stream is None
+    assert delivery.close_standalone is None
+    assert delivery.can_send_request is True
+    assert delivery.once is True, "a request id is delivered once unless the front end says otherwise"
+
+
+def test_delivery_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Delivery().can_send_request = False  # type: ignore[misc]
+
+
+def test_repeated_answers_as_accepted_but_is_its_own_outcome() -> None:
+    """The legacy front end answers a repeated POST as it answers the first; Streamable HTTP
+    tells the two apart, by identity."""
+    assert (REPEATED.status, REPEATED.text) == (ACCEPTED.status, ACCEPTED.text) == (202, "Accepted")
+    assert REPEATED is not ACCEPTED
+    assert not REPEATED.retry and REPEATED.report is None

@@ -11,7 +11,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from mcp_sse_transport import SseConfig
+from mcp_sse_transport import SessionHandler, SseConfig
 from mcp_sse_transport import store as store_module
 from mcp_sse_transport.errors import FencedError, StoreError
 from mcp_sse_transport.redis_store import RedisEventStore
@@ -21,10 +21,13 @@ from mcp_sse_transport.store import (
     InMemoryEventStore,
     Replay,
     StoredEvent,
+    Unstored,
     append_riding_out,
 )
 
+from ._handlers import parse, quiet_config
 from ._redis import RedisProcess
+from .test_handler import RecordingSink, start
 from .test_redis_store import unreachable_client
 
 pytestmark = pytest.mark.anyio
@@ -59,6 +62,7 @@ def test_exports() -> None:
         "InMemoryEventStore",
         "Replay",
         "StoredEvent",
+        "Unstored",
         "append_riding_out",
     }
 
@@ -338,6 +342,55 @@ async def test_drop_forgets_the_session_and_only_it() -> None:
         assert await store.append(SESSION, None, b"anew") == "1", "a new log"
         await store.drop("never there")  # nothing to forget: fine
         assert len(store) == 2
+
+
+# -- Unstored -----------------------------------------------------------------------------------------
+
+
+def test_unstored_is_an_event_store() -> None:
+    assert isinstance(Unstored(), EventStore)
+
+
+async def test_unstored_tokens_count_up_from_one_across_append_and_append_nowait() -> None:
+    with anyio.fail_after(5):
+        store = Unstored()
+        assert store.append_nowait(SESSION, "message", b"a") == "1"
+        assert await store.append(SESSION, None, b"b") == "2"
+        assert store.append_nowait(SESSION, "message", b"c") == "3"
+
+
+async def test_unstored_keeps_nothing_and_refuses_every_replay() -> None:
+    with anyio.fail_after(5):
+        store = Unstored()
+        token = await store.append(SESSION, "message", b"a")
+        assert await store.replay(SESSION, BEFORE_FIRST) is None
+        assert await store.replay(SESSION, token) is None
+        assert await store.replay(SESSION, BEFORE_FIRST, token, limit=10) is None
+        assert await store.replay(OTHER, BEFORE_FIRST) is None
+        await store.trim(SESSION)
+        await store.drop(SESSION)
+        await store.drop(OTHER)
+        assert store.append_nowait(SESSION, None, b"b") == "2", "a drop forgets nothing: there is nothing"
+
+
+async def test_a_handler_over_unstored_streams_its_events_with_ids_but_cannot_replay_them() -> None:
+    with anyio.fail_after(5):
+        handler = SessionHandler(SESSION, quiet_config(), Unstored(), secret="s" * 32)
+        sink = RecordingSink()
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink)
+            await handler.send("e1")
+            await handler.send("e2")
+            await sink.wait_chunks(1)
+            await handler.release()
+            await runner.done.wait()
+            resumed = RecordingSink()
+            second = await start(tg, handler, resumed, after="1")
+            await handler.close()
+            await second.done.wait()
+        assert parse(sink.data)[0].id == f"{SESSION}.{'s' * 32}:1"
+        (gap,) = parse(resumed.data)
+        assert gap.event == "error", "nothing to replay: the resume starts with a gap"
 
 
 # -- append_riding_out ------------------------------------------------------------------------------

@@ -346,3 +346,86 @@ async def test_shutdown_writes_server_shutdown_event_with_retry() -> None:
         assert handler.state is SessionState.CLOSED
         with pytest.raises(SessionClosedError):
             await handler.send("after")
+
+
+# -- the epilogue ------------------------------------------------------------------------------------
+
+EPILOGUE = b'event: message\r\ndata: {"jsonrpc":"2.0","id":7,"error":{"code":-32055,"message":"lost"}}\r\n\r\n'
+
+
+async def test_the_epilogue_follows_the_final_event_of_a_stream_cut_loose() -> None:
+    with anyio.fail_after(5):
+        handler = new_handler(max_buffered_events=1, grant_timeout=0.1, drain_timeout=0.1)
+        handler.epilogue = EPILOGUE
+        sink = RecordingSink(gated=True)  # the client stopped reading
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink)
+            await handler.send("e0")
+            await sink.wait_chunks(1)  # e0 in flight takes the buffer's one place
+            with pytest.raises(SlowConsumerError):
+                await handler.send("e1")
+            await runner.done.wait()
+        assert runner.graceful is False
+        final = sink.chunks[-1]
+        assert final.endswith(EPILOGUE), "one write: the final event, then the epilogue"
+        error, answer = parse(final)
+        assert error.event == "error"
+        assert json.loads(error.data)["code"] == ErrorCode.SLOW_CONSUMER
+        assert answer.event == "message"
+        assert json.loads(answer.data)["id"] == 7
+        assert sink.data.count(EPILOGUE) == 1
+
+
+async def test_no_epilogue_after_a_graceful_close_a_send_error_or_a_shutdown() -> None:
+    with anyio.fail_after(5):
+        for end in ("close", "send_error", "shutdown"):
+            handler = new_handler()
+            handler.epilogue = EPILOGUE
+            sink = RecordingSink()
+            async with anyio.create_task_group() as tg:
+                runner = await start(tg, handler, sink)
+                await handler.send("e0")
+                if end == "close":
+                    await handler.close()
+                elif end == "send_error":
+                    await handler.send_error(-32000, "bye")
+                else:
+                    await handler.shutdown()
+                await runner.done.wait()
+            assert runner.graceful is True, end
+            assert EPILOGUE not in sink.data, end
+            assert parse(sink.data)[0].data == "e0"
+
+
+async def test_no_epilogue_on_a_stream_that_breaks_without_a_final_event() -> None:
+    """``abort`` ends the stream with no final event: there is nothing for the epilogue to follow."""
+    with anyio.fail_after(5):
+        handler = new_handler()
+        handler.epilogue = EPILOGUE
+        sink = RecordingSink()
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink)
+            await handler.send("e0")
+            await sink.wait_chunks(1)
+            handler.abort("the server is going away")
+            await runner.done.wait()
+        assert runner.graceful is False
+        assert sink.chunks == [message(1, "e0")]
+
+
+async def test_an_epilogue_cleared_before_the_break_is_not_written() -> None:
+    with anyio.fail_after(5):
+        handler = new_handler(max_buffered_events=1, slow_consumer_policy="disconnect", drain_timeout=0.1)
+        handler.epilogue = EPILOGUE
+        sink = RecordingSink(gated=True)
+        async with anyio.create_task_group() as tg:
+            runner = await start(tg, handler, sink)
+            await handler.send("e0")
+            await sink.wait_chunks(1)
+            handler.epilogue = None  # answered meanwhile: nobody waits any more
+            with pytest.raises(SlowConsumerError):
+                await handler.send("e1")
+            await runner.done.wait()
+        (farewell,) = parse(sink.chunks[-1])
+        assert farewell.event == "error"
+        assert EPILOGUE not in sink.data
