@@ -151,6 +151,13 @@ class StreamableHTTPSessionManager:
         """The stock manager's session map, for code that inspects it: open sessions by id."""
         return dict(self._sessions)
 
+    @property
+    def _session_owners(self) -> dict[str, str]:
+        """The stock manager's map of who opened each session (here: credential fingerprints)."""
+        return {
+            session_id: hosted.session.owner for session_id, hosted in self._sessions.items() if hosted.session.owner
+        }
+
     def statistics(self) -> RegistryStatistics:
         """A snapshot of every open session's standalone stream."""
         return self._host.statistics()

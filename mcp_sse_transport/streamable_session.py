@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 from functools import partial
 from typing import Any, Final
 
@@ -266,11 +267,7 @@ class HostedSession:
         delivery = Delivery(on_unanswered=partial(self._cancelled, message.id), once=False)
         if primed:
             preface = self._priming(stream, BEFORE_FIRST)
-            delivery = Delivery(
-                on_unanswered=delivery.on_unanswered,
-                close_stream=stream.release,
-                close_standalone=self._release_standalone,
-            )
+            delivery = replace(delivery, close_stream=stream.release, close_standalone=self._release_standalone)
         headers = self._stream_headers()
         async with anyio.create_task_group() as tg:
             tg.start_soon(
