@@ -6,6 +6,8 @@
 
 WORK="$ROOT/.ci/work"
 PLUGIN_DIR="$ROOT/.ci/sdk_plugin"
+# shellcheck source=.ci/_sdist.sh
+. "$ROOT/.ci/_sdist.sh"
 
 log() { printf '[sdk-tests] %s\n' "$*" >&2; }
 
@@ -14,25 +16,8 @@ sdk_setup() {
     log "python: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])'); mcp $MCP_VERSION"
     "$PYTHON" -c 'import mcp_sse_transport' || { log "mcp_sse_transport is not importable by $PYTHON"; exit 2; }
 
-    mkdir -p "$WORK"
-    SDIST="$WORK/mcp-$MCP_VERSION.tar.gz"
-    SRC="$WORK/mcp-$MCP_VERSION"
-
     # 1. The sdist (it, unlike the wheel, carries tests/).
-    if [[ ! -f "$SDIST" ]]; then
-        log "downloading the mcp==$MCP_VERSION sdist"
-        "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
-            "mcp==$MCP_VERSION" -d "$WORK"
-    fi
-    if [[ ! -f "$SRC/.extracted" ]]; then
-        log "extracting $(basename "$SDIST")"
-        rm -rf "$SRC" "$SRC.tmp"
-        mkdir -p "$SRC.tmp"
-        tar -xzf "$SDIST" -C "$SRC.tmp"
-        mv "$SRC.tmp/mcp-$MCP_VERSION" "$SRC"
-        rm -rf "$SRC.tmp"
-        touch "$SRC/.extracted"
-    fi
+    SRC="$(mcp_sdist "$PYTHON" "$WORK")"
 
     # 2. Test dependencies: the entries of the sdist's [dependency-groups].dev that the selected tests
     # need to be collected and run, with the SDK's own version specifiers. Not needed: pyright, ruff,

@@ -1,8 +1,9 @@
 """An MCP tool server on mcp-sse-transport: ``python -m examples.server [--host H] [--port P]``.
 
-With ``--redis-url redis://127.0.0.1:6379/0``, run as many of these as you like, on their own
-ports, behind any load balancer: they share sessions through Redis (the README's deployment
-section).
+It serves both transports: legacy HTTP+SSE at ``/sse`` (and ``/messages/``) and Streamable HTTP
+at ``/mcp``. With ``--redis-url redis://127.0.0.1:6379/0``, run as many of these as you like, on
+their own ports, behind any load balancer: they share SSE sessions through Redis (the README's
+deployment section); Streamable HTTP sessions stay in one process, so it serves ``/sse`` only.
 
 Tools: ``echo`` returns its text, ``countdown`` streams progress notifications then returns,
 ``fail`` raises a ``ToolError``, so a client sees a tool error (the server logs it as one INFO
@@ -26,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse
 
-from mcp_sse_transport import SseConfig, run, sse_app
+from mcp_sse_transport import SseConfig, Transport, run, sse_app, streamable_http_app
 
 mcp = MCPServer("mcp-sse-transport example")
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -86,17 +87,26 @@ def _config(args: argparse.Namespace) -> SseConfig:
     )
 
 
+def _transport(args: argparse.Namespace) -> Transport:
+    """Both transports; SSE alone with Redis (Streamable HTTP sessions live in one process)."""
+    return "sse" if args.redis_url else "both"
+
+
 def app() -> Starlette:
     """The app for uvicorn's own command line, options from ``$EXAMPLE_SERVER_ARGS``:
     ``EXAMPLE_SERVER_ARGS="--redis-url redis://127.0.0.1:6379/0" uvicorn examples.server:app
-    --factory --workers 3 --http mcp_sse_transport.serving:H11Protocol``."""
-    return sse_app(mcp, config=_config(_arguments(shlex.split(os.environ.get("EXAMPLE_SERVER_ARGS", "")))))
+    --factory --workers 3 --http mcp_sse_transport.serving:H11Protocol``. Without ``--redis-url``
+    it is the Streamable HTTP app (``/mcp``) of one worker."""
+    args = _arguments(shlex.split(os.environ.get("EXAMPLE_SERVER_ARGS", "")))
+    if _transport(args) == "sse":
+        return sse_app(mcp, config=_config(args))
+    return streamable_http_app(mcp, config=_config(args))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(mcp, host=args.host, port=args.port, config=_config(args))
+    run(mcp, host=args.host, port=args.port, config=_config(args), transport=_transport(args))
 
 
 if __name__ == "__main__":

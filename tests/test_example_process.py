@@ -52,7 +52,10 @@ async def test_sigterm_drains_streams_with_the_shutdown_event_and_terminating_ch
             assert await process.wait() == -signal.SIGTERM
 
 
-async def test_the_example_client_calls_the_example_server_by_its_port() -> None:
+@pytest.mark.parametrize("kind", [[], ["--streamable"]], ids=["sse", "streamable-http"])
+async def test_the_example_client_calls_the_example_server_by_its_port(kind: list[str]) -> None:
+    """Over either transport the example server serves: legacy SSE (``/sse``) and Streamable HTTP
+    (``/mcp``)."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
@@ -79,7 +82,7 @@ async def test_the_example_client_calls_the_example_server_by_its_port() -> None
                 await ready.wait()
                 assert server.returncode is None, log.decode(errors="replace")
                 client = await anyio.run_process(
-                    [sys.executable, "-m", "examples.client", "--port", str(port)], cwd=ROOT, check=False
+                    [sys.executable, "-m", "examples.client", "--port", str(port), *kind], cwd=ROOT, check=False
                 )
                 server.send_signal(signal.SIGTERM)
             assert await server.wait() == -signal.SIGTERM
@@ -87,7 +90,7 @@ async def test_the_example_client_calls_the_example_server_by_its_port() -> None
     assert client.returncode == 0, client.stderr.decode(errors="replace")
     assert output.splitlines() == [
         "tools: echo, countdown, fail",
-        "echo: ['hello over SSE']",
+        f"echo: ['hello over {'Streamable HTTP' if kind else 'SSE'}']",
         "  progress 1/3: step 1 of 3",
         "  progress 2/3: step 2 of 3",
         "  progress 3/3: step 3 of 3",

@@ -1,14 +1,12 @@
 # shellcheck shell=bash
 # Sourceable helper: download and extract the sdist of the mcp version installed for a Python.
 #
-#   . .ci/conformance_server/sdist.sh
+#   . .ci/_sdist.sh
 #   mcp_sdist PYTHON WORK     # prints the extracted source directory, WORK/mcp-<version>
 #
-# The same steps and the same layout as the sdist step of .ci/sdk-tests' setup (WORK/mcp-<version>.tar.gz,
-# extracted to WORK/mcp-<version>/ with a .extracted marker, both reused when present), so the two
-# scripts share one cached copy under .ci/work/. The sdk-tests setup still carries its own copy of these
-# lines (its setup function also installs pytest and the SDK's test dependencies, which the conformance
-# job does not want); it can call this function instead, with the same behaviour.
+# Used by .ci/sdk-tests (through .ci/_sdk_common.sh) and .ci/conformance, which so share one cached
+# copy under .ci/work/ (WORK/mcp-<version>.tar.gz, extracted to WORK/mcp-<version>/ with a .extracted
+# marker, both reused when present).
 # Progress goes to stderr; only the directory is printed on stdout.
 mcp_sdist() {
     local python="$1" work="$2" version sdist src
