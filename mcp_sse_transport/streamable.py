@@ -229,6 +229,10 @@ class StreamableHTTPSessionManager:
         async with hosted.busy():
             await self._serve(hosted, request, scope, receive, send)
 
+    def _forget(self, hosted: HostedSession) -> None:
+        if self._sessions.get(hosted.session_id) is hosted:
+            del self._sessions[hosted.session_id]
+
     def _find(self, session_id: str, scope: Scope) -> HostedSession | None:
         hosted = self._sessions.get(session_id) if _SESSION_ID.fullmatch(session_id) else None
         if hosted is None:
@@ -258,7 +262,7 @@ class StreamableHTTPSessionManager:
             del request
             await hosted.get(last_event_id, version, Responder(scope, receive, send))
         elif method == "DELETE":
-            del self._sessions[hosted.session_id]
+            self._forget(hosted)
             hosted.terminate()
             await Response(None, 200, headers=hosted.headers(), media_type="application/json")(scope, receive, send)
         else:
@@ -279,7 +283,9 @@ class StreamableHTTPSessionManager:
             return await json_error("Too many open sessions", 503, ErrorCode.INTERNAL_ERROR, retry=self._retry())(
                 scope, receive, send
             )
-        hosted = HostedSession(session, self._host, self._store, self.session_idle_timeout, self.json_response)
+        hosted = HostedSession(
+            session, self._host, self._store, self.session_idle_timeout, self.json_response, self._forget
+        )
         self._sessions[session.session_id] = hosted
         await self._task_group.start(hosted.serve, self.app, read_stream, self._lifespan_state)
         responder = Responder(scope, receive, send)
@@ -288,7 +294,7 @@ class StreamableHTTPSessionManager:
                 await hosted.post(parsed, body, request, responder)
         finally:
             if responder.status is None or responder.status >= 400:  # nothing was established
-                self._sessions.pop(session.session_id, None)
+                self._forget(hosted)
                 hosted.terminate()
 
     async def _read_post(

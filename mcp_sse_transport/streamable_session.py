@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from functools import partial
@@ -102,9 +102,16 @@ class HostedSession:
     that hold it open (none for ``idle_timeout``: it ends, as stock)."""
 
     def __init__(
-        self, session: Session, host: SessionHost, store: EventStore, idle_timeout: float | None, json_response: bool
+        self,
+        session: Session,
+        host: SessionHost,
+        store: EventStore,
+        idle_timeout: float | None,
+        json_response: bool,
+        on_end: Callable[[HostedSession], None],
     ) -> None:
         self.session = session
+        self._on_end = on_end
         self._host = host
         self._config = host.config
         self._store = store
@@ -132,8 +139,9 @@ class HostedSession:
         return {MCP_SESSION_ID_HEADER: self.session_id}
 
     def _spawn_later(self, task: Any) -> None:
-        assert self._task_group is not None
-        self._task_group.start_soon(task)
+        """Start ``task`` in the session's task group; once the session ended, its end does it."""
+        if self._task_group is not None:
+            self._task_group.start_soon(task)
 
     @asynccontextmanager
     async def busy(self) -> AsyncIterator[None]:
@@ -173,6 +181,8 @@ class HostedSession:
         except Exception:
             logger.exception("session %s: its server failed", self.tag)
         finally:
+            self._task_group = None
+            self._on_end(self)  # from now on its id is not found
             with anyio.CancelScope(shield=True):
                 self._host.discard(session)
                 read_stream.close()

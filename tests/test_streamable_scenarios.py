@@ -22,53 +22,11 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
 
 from mcp_sse_transport import ErrorCode, SseConfig, streamable_http_app
 
+from ._streamable import MODERN, data, message, open_session
+from ._streamable import headers as session_headers
 from ._support import CuttingProxy, RawSseStream, SseEvent, serving
 
 pytestmark = pytest.mark.anyio
-
-PROTOCOL = "2025-11-25"
-MODERN = "2026-07-28"
-
-
-def _message(method: str, request_id: int | None = None, params: dict[str, Any] | None = None) -> bytes:
-    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if request_id is not None:
-        message["id"] = request_id
-    if params is not None:
-        message["params"] = params
-    return json.dumps(message).encode()
-
-
-_INITIALIZE = _message(
-    "initialize",
-    0,
-    {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
-)
-
-
-async def _open_session(base: str) -> str:
-    """Initialize a session over raw HTTP; its id."""
-    async with RawSseStream.open(base, "/mcp", post=_INITIALIZE) as stream:
-        assert stream.status == 200, stream.status
-        session_id = stream.headers["mcp-session-id"]
-        while (event := await stream.next_event()) is not None and not event.data:
-            pass  # the priming event
-        assert event is not None and event.json()["id"] == 0
-    headers = _headers(session_id)
-    async with httpx2.AsyncClient() as client:
-        response = await client.post(f"{base}/mcp", content=_message("notifications/initialized"), headers=headers)
-        assert response.status_code == 202
-    return session_id
-
-
-def _headers(session_id: str, **extra: str) -> dict[str, str]:
-    return {
-        "mcp-session-id": session_id,
-        "mcp-protocol-version": PROTOCOL,
-        "accept": "application/json, text/event-stream",
-        "content-type": "application/json",
-        **extra,
-    }
 
 
 async def _messages(stream: RawSseStream) -> AsyncIterator[SseEvent]:
@@ -119,14 +77,14 @@ async def test_a_response_stream_cut_twenty_times_in_a_row_resumes_with_every_ev
     seen: list[float] = []
     answer: dict[str, Any] | None = None
     async with serving(streamable_http_app(_countdown_server(steps, bursts, per_burst))) as base:
-        session_id = await _open_session(base)
+        session_id = await open_session(base)
         proxy = CuttingProxy(base)
         async with proxy.running() as proxied:
-            call = _message("tools/call", 1, {"name": "countdown", "arguments": {}, "_meta": {"progressToken": 1}})
+            call = message("tools/call", 1, {"name": "countdown", "arguments": {}, "_meta": {"progressToken": 1}})
             last_event_id: str | None = None
             with anyio.fail_after(60):
                 while answer is None:
-                    headers = _headers(session_id)
+                    headers = session_headers(session_id)
                     if last_event_id is not None:
                         headers["last-event-id"] = last_event_id
                     async with RawSseStream.open(
@@ -137,11 +95,11 @@ async def test_a_response_stream_cut_twenty_times_in_a_row_resumes_with_every_ev
                             last_event_id = event.id or last_event_id
                             if not event.data:
                                 continue  # the priming event
-                            message = event.json()
-                            if "id" in message:
-                                answer = message
+                            received = event.json()
+                            if "id" in received:
+                                answer = received
                                 break
-                            value = message["params"]["progress"]
+                            value = received["params"]["progress"]
                             seen.append(value)
                             if int(value) % per_burst == per_burst - 1:
                                 steps.go[int(value) // per_burst].set()
@@ -240,9 +198,9 @@ async def test_a_stalled_response_stream_is_cut_loose_and_its_session_goes_on() 
     config = SseConfig(grant_timeout=1, write_timeout=2, max_buffered_events=50, socket_send_buffer=4096)
     try:
         async with serving(streamable_http_app(server, config=config)) as base:
-            session_id = await _open_session(base)
-            call = _message("tools/call", 1, {"name": "flood", "arguments": {}, "_meta": {"progressToken": 1}})
-            async with RawSseStream.open(base, "/mcp", _headers(session_id), rcvbuf=4096, post=call) as stalled:
+            session_id = await open_session(base)
+            call = message("tools/call", 1, {"name": "flood", "arguments": {}, "_meta": {"progressToken": 1}})
+            async with RawSseStream.open(base, "/mcp", session_headers(session_id), rcvbuf=4096, post=call) as stalled:
                 assert stalled.status == 200
                 priming = await stalled.next_event()
                 assert priming is not None and priming.id is not None
@@ -251,17 +209,14 @@ async def test_a_stalled_response_stream_is_cut_loose_and_its_session_goes_on() 
                         answered = 0
                         while not (finished.is_set() and cut_loose.seen.is_set()) or answered < 20:
                             ping = await client.post(
-                                f"{base}/mcp", content=_message("ping", 100 + answered), headers=_headers(session_id)
+                                f"{base}/mcp",
+                                content=message("ping", 100 + answered),
+                                headers=session_headers(session_id),
                             )
                             assert ping.status_code == 200
-                            body = [
-                                json.loads(line[5:])
-                                for line in ping.text.splitlines()
-                                if line.startswith("data:") and line[5:].strip()
-                            ]
-                            assert body == [{"jsonrpc": "2.0", "id": 100 + answered, "result": {}}]
+                            assert data(ping.text) == [{"jsonrpc": "2.0", "id": 100 + answered, "result": {}}]
                             answered += 1
-                        headers = _headers(session_id, **{"last-event-id": priming.id})
+                        headers = session_headers(session_id, **{"last-event-id": priming.id})
                         async with client.stream("GET", f"{base}/mcp", headers=headers) as resumed:
                             assert resumed.status_code == 200, await resumed.aread()
                             text = "".join([chunk async for chunk in resumed.aiter_text()])
@@ -275,7 +230,7 @@ async def test_a_stalled_response_stream_is_cut_loose_and_its_session_goes_on() 
 
 
 async def _first_event_id(base: str, session_id: str, request_id: int) -> str:
-    async with RawSseStream.open(base, "/mcp", _headers(session_id), post=_message("ping", request_id)) as stream:
+    async with RawSseStream.open(base, "/mcp", session_headers(session_id), post=message("ping", request_id)) as stream:
         event = await stream.next_event()
         assert event is not None and event.id is not None  # the priming event
         await stream.drain()
@@ -285,7 +240,7 @@ async def _first_event_id(base: str, session_id: str, request_id: int) -> str:
 async def test_a_last_event_id_of_another_session_or_forged_is_refused_with_an_error() -> None:
     server = MCPServer("ids")
     async with serving(streamable_http_app(server)) as base:
-        first, second = await _open_session(base), await _open_session(base)
+        first, second = await open_session(base), await open_session(base)
         event_id = await _first_event_id(base, first, 7)
         stream_id, rest = event_id.split(".", 1)
         secret, token = rest.split(":", 1)
@@ -293,13 +248,13 @@ async def test_a_last_event_id_of_another_session_or_forged_is_refused_with_an_e
         async with httpx2.AsyncClient(timeout=5) as client:
             with anyio.fail_after(15):
                 for session_id, last_event_id in ((second, event_id), (first, forged), (first, "garbage")):
-                    headers = _headers(session_id, **{"last-event-id": last_event_id})
+                    headers = session_headers(session_id, **{"last-event-id": last_event_id})
                     refused = await client.get(f"{base}/mcp", headers=headers)
                     assert refused.status_code == 400
                     assert refused.json()["error"]["code"] == ErrorCode.RESUME_UNKNOWN
                 # Its own session's id resumes: what followed it is replayed, the answer last.
                 async with client.stream(
-                    "GET", f"{base}/mcp", headers=_headers(first, **{"last-event-id": event_id})
+                    "GET", f"{base}/mcp", headers=session_headers(first, **{"last-event-id": event_id})
                 ) as resumed:
                     assert resumed.status_code == 200
                     text = "".join([chunk async for chunk in resumed.aiter_text()])
@@ -315,7 +270,7 @@ def _modern_call(request_id: int, name: str) -> bytes:
         "io.modelcontextprotocol/clientCapabilities": {},
         "progressToken": request_id,
     }
-    return _message("tools/call", request_id, {"name": name, "arguments": {}, "_meta": meta})
+    return message("tools/call", request_id, {"name": name, "arguments": {}, "_meta": meta})
 
 
 async def test_a_2026_07_28_response_stream_has_the_same_limits() -> None:
@@ -365,7 +320,7 @@ async def test_a_subscriptions_listen_stream_gets_idle_heartbeats_and_its_events
     bus = InMemorySubscriptionBus()
     server = MCPServer("listen", subscriptions=bus)
     meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
-    listen = _message("subscriptions/listen", 1, {"notifications": {"toolsListChanged": True}, "_meta": meta})
+    listen = message("subscriptions/listen", 1, {"notifications": {"toolsListChanged": True}, "_meta": meta})
     headers = {"mcp-protocol-version": MODERN, "mcp-method": "subscriptions/listen"}
     async with serving(streamable_http_app(server, config=SseConfig(heartbeat_interval=0.2))) as base:
         with anyio.fail_after(15):
