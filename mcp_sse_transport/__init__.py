@@ -20,6 +20,7 @@ from .flow import CreditLedger, Grant, GrantState
 from .handler import Attachment, SessionHandler
 from .ids import EventId, format_event_id, parse_event_id
 from .registry import RegistryStatistics, SessionRegistry
+from .sdk_event_store import SessionScopedEventStore, scoped_stock_manager
 from .serving import H11Protocol, Transport, run, sse_app, streamable_http_app, uvicorn_server
 from .store import BEFORE_FIRST, EventStore, InMemoryEventStore, Replay, StoredEvent
 from .stream_state import SessionState, SessionStatistics
@@ -47,6 +48,7 @@ __all__ = [
     "SessionExpiredError",
     "SessionHandler",
     "SessionRegistry",
+    "SessionScopedEventStore",
     "SessionState",
     "SessionStatistics",
     "SlowConsumerError",
@@ -62,6 +64,7 @@ __all__ = [
     "format_event_id",
     "parse_event_id",
     "run",
+    "scoped_stock_manager",
     "sse_app",
     "streamable_http_app",
     "uvicorn_server",

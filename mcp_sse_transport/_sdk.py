@@ -17,6 +17,7 @@ import mcp_types as types
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, auth_context_var
 from mcp.server.auth.middleware.bearer_auth import (
     AuthenticatedUser,
+    AuthorizationContext,
     BearerAuthBackend,
     RequireAuthMiddleware,
     authorization_context,
@@ -34,6 +35,7 @@ from mcp.server.streamable_http import (
     LAST_EVENT_ID_HEADER,
     MCP_SESSION_ID_HEADER,
     REQUEST_CANCELLED,
+    StreamableHTTPServerTransport,
     check_accept_headers,
 )
 from mcp.server.streamable_http import EventMessage as SdkEventMessage
@@ -77,6 +79,7 @@ __all__ = [
     "LAST_EVENT_ID_HEADER",
     "MCP_PROTOCOL_VERSION_HEADER",
     "MCP_SESSION_ID_HEADER",
+    "PER_SESSION_RELEASE_WITHIN",
     "REQUEST_CANCELLED",
     "CloseSSEStreamCallback",
     "ContextReceiveStream",
@@ -84,6 +87,7 @@ __all__ = [
     "Inbound",
     "MCPServer",
     "McpHttpClientFactory",
+    "PerSessionStoreManager",
     "ReadStream",
     "RequestBodyLimitMiddleware",
     "SdkEventMessage",
@@ -228,7 +232,7 @@ def related_request_id(item: SessionMessage) -> types.RequestId | None:
 
 def handshake_era(version: str | None) -> bool:
     """Whether a Streamable HTTP request with this ``MCP-Protocol-Version`` (``None``: no header)
-    belongs to the sessions of the handshake era (2025-03-26 to 2025-11-25), as the SDK routes it;
+    belongs to the sessions of the handshake era (2024-11-05 to 2025-11-25), as the SDK routes it;
     any other value goes to the SDK's single-exchange entry (2026-07-28), which validates it."""
     return version is None or version in HANDSHAKE_PROTOCOL_VERSIONS
 
@@ -255,6 +259,52 @@ def adopt_stock_manager(manager: StockSessionManager, task_group: anyio.abc.Task
     manager._task_group = task_group  # type: ignore[assignment]
     manager._lifespan_state = lifespan_state  # pyright: ignore[reportPrivateUsage]
     manager._has_started = True  # pyright: ignore[reportPrivateUsage]
+
+
+PER_SESSION_RELEASE_WITHIN = 10.0
+"""Seconds a discarded session's event store gets to let go of its events (shielded: the
+manager may be shutting down), so an unreachable store cannot hold the shutdown up."""
+
+
+class PerSessionStoreManager(StockSessionManager):
+    """The SDK's own session manager, with an event store of its own for each session's
+    transport: the stock one hands one store to every transport, whose stream ids (the GET's
+    ``_GET_stream``, request ids) repeat from session to session, so a ``Last-Event-ID`` of one
+    session could replay another's events.
+
+    ``event_store_for(session_id)`` makes a session's store when the session is admitted;
+    ``release(store)`` runs once the session is discarded (client ``DELETE``, idle timeout, crash,
+    shutdown), perhaps more than once for one store. The manager's own ``event_store`` stays
+    ``None``. Everything else is the stock manager's, with the stock constructor's keywords."""
+
+    def __init__(
+        self,
+        app: Server[Any],
+        event_store_for: Callable[[str], SdkEventStore],
+        release: Callable[[SdkEventStore], Awaitable[None]],
+        **stock_kwargs: Any,
+    ) -> None:
+        if stock_kwargs.get("stateless"):
+            raise ValueError("a stateless manager has no sessions and stores no events")
+        if "event_store" in stock_kwargs:
+            raise TypeError("each session gets its store from event_store_for; pass no event_store")
+        super().__init__(app, **stock_kwargs)
+        self._event_store_for = event_store_for
+        self._release = release
+
+    def _admit_session(self, requestor: AuthorizationContext | None) -> StreamableHTTPServerTransport | None:
+        transport = super()._admit_session(requestor)
+        if transport is not None:  # not yet serving: its first request is still to come
+            assert transport.mcp_session_id is not None
+            transport._event_store = self._event_store_for(transport.mcp_session_id)  # pyright: ignore[reportPrivateUsage]
+        return transport
+
+    async def _discard_session(self, session_id: str, transport: StreamableHTTPServerTransport) -> None:
+        await super()._discard_session(session_id, transport)
+        store = transport._event_store  # pyright: ignore[reportPrivateUsage]
+        if store is not None:
+            with anyio.move_on_after(PER_SESSION_RELEASE_WITHIN, shield=True):
+                await self._release(store)
 
 
 async def serve_session(

@@ -40,14 +40,16 @@ class ErrorCode(IntEnum):
     """The server is shutting down; reconnect after the event's ``retry:`` delay."""
     RESUME_UNKNOWN = -32052
     """``Last-Event-ID`` names no session this server can resume (unknown, expired, malformed, or
-    another credential's): a new session starts on the same stream."""
+    another credential's): over legacy SSE a new session starts on the same stream; over
+    Streamable HTTP (no stream of the session) the GET gets 400 with this JSON-RPC error."""
     RESUME_GAP = -32053
     """Events after ``Last-Event-ID`` were trimmed from the replay log: what is retained follows."""
     SUPERSEDED = -32054
     """Another connection resumed this session; this stream ends."""
     REQUEST_INTERRUPTED = -32055
-    """The worker serving this session died before answering this request, and another worker
-    took the session over: the request may or may not have taken effect."""
+    """The request's answer was lost with what carried it, and it may or may not have taken
+    effect: the worker serving the session died and another took it over (legacy SSE), or the
+    request's Streamable HTTP response stream broke (cut loose) before its answer."""
     STORE_UNAVAILABLE = -32056
     """The event store (Redis) failed, so the event could not be kept for replay: the session ends."""
     MESSAGE_TOO_LARGE = -32057

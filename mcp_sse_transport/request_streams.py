@@ -197,11 +197,6 @@ class SessionStreams:
     def unanswered(self) -> list[tuple[types.RequestId, SessionHandler | JsonReply]]:
         return [(entry.request_id, entry.stream) for entry in self._requests.values()]
 
-    def live(self) -> list[SessionHandler]:
-        """Every stream that has not ended, the standalone one included."""
-        streams = [self.standalone, *self._streams.values()]
-        return [stream for stream in streams if not stream.ended]
-
     async def drop_all(self) -> None:
         """The session ended: every response stream's log goes."""
         streams, self._streams = self._streams, {}

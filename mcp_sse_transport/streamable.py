@@ -1,7 +1,7 @@
 """The drop-in for ``mcp.server.streamable_http_manager.StreamableHTTPSessionManager``: the
 Streamable HTTP front end.
 
-Handshake-era requests (protocol 2025-03-26 to 2025-11-25, or no ``MCP-Protocol-Version``) get
+Handshake-era requests (protocol 2024-11-05 to 2025-11-25, or no ``MCP-Protocol-Version``) get
 sessions on the session host: each POSTed request its own flow-controlled response stream, the GET
 its standalone stream, every event an id that resumes it. What has no session for us to hold
 (protocol 2026-07-28's single exchanges, stateless mode) is the SDK's own code, its event streams
@@ -80,7 +80,8 @@ class StreamableHTTPSessionManager:
     ``event_store`` takes this library's :class:`~mcp_sse_transport.store.EventStore`; an SDK
     ``EventStore`` is not used (the replay log is always this library's, so every stream is
     resumable), and says so in the log. ``retry_interval`` (milliseconds, as stock) overrides
-    ``config.retry_interval``; ``max_sessions`` overrides ``config.max_sessions``.
+    ``config.retry_interval``; ``max_sessions``, unless left at its default, overrides
+    ``config.max_sessions``.
     """
 
     def __init__(
@@ -103,7 +104,8 @@ class StreamableHTTPSessionManager:
             raise ValueError("max_request_body_size must be a positive number of bytes")
         if max_sessions is not None and max_sessions <= 0:
             raise ValueError("max_sessions must be a positive number of sessions or None")
-        config = replace(config or SseConfig(), max_sessions=max_sessions)
+        if config is None or max_sessions != DEFAULT_MAX_SESSIONS:  # an argument left at its default keeps config's
+            config = replace(config or SseConfig(), max_sessions=max_sessions)
         if retry_interval is not None:
             config = replace(config, retry_interval=retry_interval / 1000)
         if config.redis_url is not None:

@@ -125,6 +125,7 @@ class HostedSession:
         self.streams = SessionStreams(session.handler, store, self._config, self._spawn_later)
         self._write_stream: ServerWriteStream | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._ended = anyio.Event()
         session.routing = self.streams
 
     @property
@@ -189,6 +190,7 @@ class HostedSession:
                 await self._end()
                 await self._host.forget(session)
                 await self.streams.drop_all()
+            self._ended.set()
 
     def terminate(self) -> None:
         """End the session now (DELETE): requests waiting get a JSON-RPC error, streams end."""
@@ -197,15 +199,12 @@ class HostedSession:
             self._cancel.cancel()
 
     async def shut_down(self) -> None:
-        """End the session for a server shutdown: each stream's last event says when to come back."""
+        """End the session for a server shutdown: every waiting request gets a JSON-RPC error,
+        each stream's last event says when to come back. Returns once the session has ended."""
         self._ending = (ErrorCode.SERVER_SHUTDOWN, "Server shutting down", True)
         self.terminate()
-        await self._ended_streams()
-
-    async def _ended_streams(self) -> None:
-        async with anyio.create_task_group() as tg:
-            for stream in self.streams.live():
-                tg.start_soon(stream.shutdown)
+        if self._cancel is not None:  # its server runs: wait for the end it is coming to
+            await self._ended.wait()
 
     async def _end(self) -> None:
         code, message, shutdown = self._ending

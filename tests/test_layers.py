@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "fencing": 2,
     "claims": 2,
     "replay": 3,
+    "sdk_event_store": 3,  # our store as the SDK's, for its own session manager
     "redis_store": 3,
     # one stream's anyio driver, and its ASGI sink
     "writer": 4,

@@ -18,9 +18,13 @@ import anyio.abc
 import httpx2
 import pytest
 import uvicorn
+from mcp.client.client import Client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
+from mcp_types import TextContent
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,10 +32,17 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from mcp_sse_transport import ErrorCode, SseConfig, SseServerTransport
+from mcp_sse_transport import ErrorCode, SseConfig, SseServerTransport, StreamableHTTPSessionManager
 from mcp_sse_transport import serving as serving_module
 from mcp_sse_transport._asgi import ABORT_EXTENSION, end_stream, open_stream
-from mcp_sse_transport.serving import H11Protocol, _redact_session_ids, _RedactSessionIds, sse_app, uvicorn_server
+from mcp_sse_transport.serving import (
+    H11Protocol,
+    _redact_session_ids,
+    _RedactSessionIds,
+    sse_app,
+    streamable_http_app,
+    uvicorn_server,
+)
 
 from ._cluster import uvicorn_cli
 from ._support import RawSseStream, free_socket, serving
@@ -53,7 +64,14 @@ async def endpoint_of(raw: RawSseStream) -> str:
 
 
 def test_exports() -> None:
-    assert set(serving_module.__all__) == {"H11Protocol", "run", "sse_app", "uvicorn_server"}
+    assert set(serving_module.__all__) == {
+        "H11Protocol",
+        "Transport",
+        "run",
+        "sse_app",
+        "streamable_http_app",
+        "uvicorn_server",
+    }
 
 
 # -- sse_app ----------------------------------------------------------------------------------------
@@ -172,6 +190,68 @@ async def test_an_mcp_servers_bearer_auth_guards_the_stream_and_the_posts() -> N
             async with RawSseStream.open(base, headers={"Authorization": "Bearer good"}) as raw:
                 assert raw.status == 200
                 assert (await endpoint_of(raw)).startswith("/messages/?session_id=")
+
+
+# -- streamable_http_app and both transports --------------------------------------------------------
+
+
+def _echo_server() -> MCPServer:
+    server = MCPServer("both")
+
+    @server.tool()
+    def echo(text: str) -> str:
+        return text
+
+    @server.custom_route("/health", methods=["GET"])  # type: ignore[untyped-decorator]
+    async def health(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    return server
+
+
+async def _echo_over(client: Client) -> str:
+    result = await client.call_tool("echo", {"text": "hi"})
+    return "".join(content.text for content in result.content if isinstance(content, TextContent))
+
+
+async def test_one_app_serves_both_transports_to_the_sdk_clients_and_drains_both() -> None:
+    """``transport="both"``: ``/sse`` and ``/mcp`` from one app, each with the SDK's own client,
+    the server's custom routes once; shutdown drains both."""
+    server = uvicorn_server(_echo_server(), port=0, transport="both", log_level="warning")
+    app = server.config.app
+    assert isinstance(app, Starlette)
+    assert isinstance(app.state.sse_transport, SseServerTransport)
+    assert isinstance(app.state.session_manager, StreamableHTTPSessionManager)
+    assert [getattr(route, "path", None) for route in app.routes].count("/health") == 1
+    with anyio.fail_after(30):
+        async with serving(app) as base:
+            async with Client(sse_client(f"{base}/sse"), mode="legacy") as legacy:
+                assert await _echo_over(legacy) == "hi"
+            async with Client(streamable_http_client(f"{base}/mcp"), mode="legacy") as streamable:
+                assert await _echo_over(streamable) == "hi"
+            async with Client(streamable_http_client(f"{base}/mcp"), mode="2026-07-28") as modern:
+                assert await _echo_over(modern) == "hi"
+            async with httpx2.AsyncClient(base_url=base) as http:
+                assert (await http.get("/health")).text == "ok"
+
+
+async def test_streamable_http_app_wires_an_mcp_servers_bearer_auth() -> None:
+    auth = AuthSettings(
+        issuer_url=AnyHttpUrl("https://auth.example"),
+        resource_server_url=AnyHttpUrl("https://mcp.example"),
+        required_scopes=["tools"],
+        validate_token_resource=False,
+    )
+    server = MCPServer("guarded", token_verifier=_Tokens(), auth=auth)
+    with anyio.fail_after(20):
+        async with serving(streamable_http_app(server)) as base, httpx2.AsyncClient(base_url=base) as http:
+            body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+            anonymous = await http.post("/mcp", json=body)
+            assert anonymous.status_code == 401 and "resource_metadata=" in anonymous.headers["www-authenticate"]
+            weak = await http.post("/mcp", json=body, headers={"Authorization": "Bearer weak"})
+            assert weak.status_code == 403
+            metadata = await http.get("/.well-known/oauth-protected-resource")
+            assert metadata.status_code == 200
 
 
 # -- uvicorn_server -----------------------------------------------------------------------------------

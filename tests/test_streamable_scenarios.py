@@ -160,6 +160,43 @@ async def test_the_sdk_client_resumes_twenty_calls_in_a_row_each_cut_at_a_random
     assert len(resumes) >= calls
 
 
+async def test_the_sdk_client_repeats_events_when_its_resumed_stream_is_cut_again() -> None:
+    """What the README says of ``streamable_http_client`` (mcp 2.3.0): a resumed stream that is
+    cut again is reconnected from the id the client had resumed from, not from the last one it
+    received, so the events in between reach the caller twice. The server sent each once after
+    the id it was given: the repeat is the client's."""
+    per_call = 10
+    acks = [anyio.Event() for _ in range(per_call)]
+    config = SseConfig(retry_interval=0.05)
+    server = MCPServer("recut")
+
+    @server.tool()
+    async def burst(ctx: Context) -> str:
+        for step in range(per_call):
+            await ctx.report_progress(step, per_call)
+            await acks[step].wait()
+        return "done"
+
+    cuts = {2, 5}
+    seen: list[float] = []
+    async with serving(streamable_http_app(server, config=config)) as base:
+        proxy = CuttingProxy(base)
+        async with proxy.running() as proxied:
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                seen.append(progress)
+                if int(progress) in cuts:
+                    cuts.discard(int(progress))
+                    proxy.cut()
+                acks[int(progress)].set()
+
+            with anyio.fail_after(30):
+                async with Client(streamable_http_client(f"{proxied}/mcp"), mode="legacy") as client:
+                    result = await client.call_tool("burst", {}, progress_callback=on_progress)
+    assert result.is_error is False
+    assert seen == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+
+
 # -- a stalled response stream -----------------------------------------------------------------
 
 
