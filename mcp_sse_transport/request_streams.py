@@ -109,6 +109,8 @@ class SessionStreams:
         self._streams: dict[str, SessionHandler] = {}
         """Response streams by stream id: open, or ended and kept ``session_grace`` for a resume."""
         self._nowhere = _Nowhere(standalone.tag)
+        self.shutting_down = False
+        """The server shuts down: a stream answered from now on ends with the shutdown event."""
 
     @property
     def tag(self) -> str:
@@ -197,6 +199,10 @@ class SessionStreams:
     def unanswered(self) -> list[tuple[types.RequestId, SessionHandler | JsonReply]]:
         return [(entry.request_id, entry.stream) for entry in self._requests.values()]
 
+    def open_streams(self) -> list[SessionHandler]:
+        """Every stream that has not ended, the standalone one first."""
+        return [stream for stream in (self.standalone, *self._streams.values()) if not stream.ended]
+
     async def drop_all(self) -> None:
         """The session ended: every response stream's log goes."""
         streams, self._streams = self._streams, {}
@@ -206,7 +212,7 @@ class SessionStreams:
     async def _finish(self, stream: SessionHandler) -> None:
         """Drain an answered stream and end it; keep its log ``session_grace`` for a client cut
         off before it read everything, then drop it."""
-        await stream.close()
+        await (stream.shutdown() if self.shutting_down else stream.close())
         await self.retire(stream)
 
     async def retire(self, stream: SessionHandler) -> None:

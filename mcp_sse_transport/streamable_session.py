@@ -202,17 +202,23 @@ class HostedSession:
         """End the session for a server shutdown: every waiting request gets a JSON-RPC error,
         each stream's last event says when to come back. Returns once the session has ended."""
         self._ending = (ErrorCode.SERVER_SHUTDOWN, "Server shutting down", True)
+        self.streams.shutting_down = True
         self.terminate()
         if self._cancel is not None:  # its server runs: wait for the end it is coming to
             await self._ended.wait()
 
     async def _end(self) -> None:
+        """Answer every request still waiting, then end every stream still open (answered ones
+        drain): with the shutdown event, at a shutdown."""
         code, message, shutdown = self._ending
         async with anyio.create_task_group() as tg:
-            for request_id, stream in self.streams.unanswered():
+            unanswered = self.streams.unanswered()
+            for request_id, stream in unanswered:
                 tg.start_soon(self._answer, request_id, stream, code, message, shutdown)
-            standalone = self.streams.standalone
-            tg.start_soon(standalone.shutdown if shutdown else standalone.close)
+            waiting = {id(stream) for _, stream in unanswered}
+            for live in self.streams.open_streams():
+                if id(live) not in waiting:
+                    tg.start_soon(live.shutdown if shutdown else live.close)
 
     async def _answer(
         self, request_id: types.RequestId, stream: SessionHandler | JsonReply, code: int, message: str, shutdown: bool

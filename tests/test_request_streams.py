@@ -470,3 +470,28 @@ async def test_retire_drops_an_ended_stream_after_session_grace() -> None:
         r.tg.start_soon(r.streams.retire, stream)
         await r.store.wait_dropped(stream.session_id)
         assert r.streams.find(stream.session_id) is None
+
+
+async def test_open_streams_lists_the_streams_not_ended_the_standalone_first() -> None:
+    async with rig() as r:
+        stream = r.streams.open(1)
+        ended = r.streams.open(2)
+        ended.abort("gone")
+        assert r.streams.open_streams() == [r.standalone, stream]
+        r.standalone.abort("gone")
+        assert r.streams.open_streams() == [stream]
+
+
+async def test_a_stream_answered_while_the_server_shuts_down_ends_with_the_shutdown_event() -> None:
+    async with rig() as r:
+        stream = r.streams.open(1)
+        sink = RecordingSink()
+        runner = await start(r.tg, stream, sink)
+        r.streams.shutting_down = True
+        await stream.send(_sdk.serialize(response(1).message))
+        r.streams.answered(1, stream)
+        await runner.done.wait()
+        assert runner.graceful is True
+        events = parse(sink.data)
+        assert [event.event for event in events] == ["message", "error"]
+        assert json.loads(events[-1].data)["code"] == ErrorCode.SERVER_SHUTDOWN
