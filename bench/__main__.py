@@ -6,7 +6,9 @@ release, another session's latency; (4) idle sessions, server RSS per session; (
 only): reconnect to first replayed event, replay throughput, memory held; (6) scale-out on Redis
 (ours with the in-memory store vs ours with redis_url, stock for context; a redis-server of its own):
 events/s, full stack, POSTs handed to another worker, resume on the owner and on another worker,
-takeover after SIGKILL. Prints a table,
+takeover after SIGKILL; (7-10) Streamable HTTP, the SDK's session manager against ours: progress
+notifications/s on a POST's response stream, a stalled response stream and the same session's
+pings, RSS per idle session, resuming a dropped response stream (ours). Prints a table,
 writes every sample to bench/results/<timestamp>.json (and latest.json), and regenerates
 docs/benchmarks.md and its plots. See bench/README.md.
 """
@@ -23,12 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import runner
+from . import runner, streamable
 from .procs import REPO
 from .report import console_table, machine_info, write_docs
 from .server import raise_fd_limit
 
-SECTIONS = ("transport", "fullstack", "stalled", "idle", "resume", "redis")
+SECTIONS = (
+    "transport",
+    "fullstack",
+    "stalled",
+    "idle",
+    "resume",
+    "redis",
+    *streamable.BENCHES,  # streamable, stalled-streamable, idle-streamable, resume-streamable
+)
 RESULTS = REPO / "bench" / "results"
 
 
@@ -68,6 +78,7 @@ async def run_all(plan: runner.Plan, sections: list[str], logdir: Path) -> dict[
         "idle": runner.bench_idle,
         "resume": runner.bench_resume,
         "redis": runner.bench_redis,
+        **streamable.BENCHES,
     }
     for name in sections:
         runner.log(f"== {name}")
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, idle_sessions=args.sessions)
 
     fd_limit = raise_fd_limit()
-    if "idle" in sections and fd_limit < plan.idle_sessions + 256:
+    if {"idle", "idle-streamable"} & set(sections) and fd_limit < plan.idle_sessions + 256:
         sys.exit(f"the open-file limit ({fd_limit}) is too low for {plan.idle_sessions} sessions")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -233,12 +233,14 @@ class _ReplayCounter(_Counter):
         super().connection_lost(exc)
 
 
-async def resume_run(port: int, target: str, last_event_id: str, n: int, time_limit: float) -> dict[str, Any]:
+async def resume_run(
+    port: int, target: str, last_event_id: str, n: int, time_limit: float, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Reconnect to ``target`` with ``Last-Event-ID`` and count ``message`` events until ``n``
     arrived. Times from opening the new connection (connect, then the request) to the first
     replayed event and to the n-th; then 100 ms more of listening, so that an event beyond the
     n-th would show up in the returned ``events`` (every event of the stream, parsed). ``head_s``
-    is when the first bytes (the response head) arrived."""
+    is when the first bytes (the response head) arrived. ``headers``: more request headers."""
     loop = asyncio.get_running_loop()
     first: asyncio.Future[float] = loop.create_future()
     done: asyncio.Future[float] = loop.create_future()
@@ -247,7 +249,7 @@ async def resume_run(port: int, target: str, last_event_id: str, n: int, time_li
         loop.create_connection(lambda: _ReplayCounter(n, done, first), "127.0.0.1", port), time_limit
     )
     try:
-        transport.write(_request(port, target, {"Last-Event-ID": last_event_id}))
+        transport.write(_request(port, target, {**(headers or {}), "Last-Event-ID": last_event_id}))
         async with asyncio.timeout(time_limit):
             first_at = await first
             done_at = await done

@@ -431,6 +431,155 @@ def results_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ]
     else:
         rows.append(("5. Resumption (Last-Event-ID replay)", "none", _resumption_status(), ""))
+    return rows + streamable_rows(results)
+
+
+def _ping_cell(p: dict[str, Any], key: str, digits: int = 2) -> str:
+    return _num(p[key], digits) if p.get(key) is not None else "none answered"
+
+
+def _stock_streamable_probe(resume: dict[str, Any]) -> str | None:
+    probe = resume.get("stock")
+    if not probe:
+        return None
+    ids = "its events carry no id" if not probe["event_has_id"] else "its events carry an id"
+    return f"{ids}; a GET with Last-Event-ID is answered {probe['resume_status']}"
+
+
+def _stock_streamable_resume(resume: dict[str, Any]) -> str:
+    probe = resume.get("stock")
+    if not probe:
+        return "none"
+    return f"none ({'ids' if probe['event_has_id'] else 'no event ids'}; a resume GET gets {probe['resume_status']})"
+
+
+def streamable_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(measurement, stock, ours, ours/stock) rows of the Streamable HTTP sections (7-10)."""
+    rows: list[tuple[str, str, str, str]] = []
+    full = results.get("streamable", {}).get("summary")
+    if full:
+        for client, label in (("sdk", "SDK client"), ("raw", "raw client counting events")):
+            row = full.get(client)
+            if row:
+                rows.append(
+                    (
+                        f"7. Streamable HTTP: {full['notifications']:,} progress notifications on a POST's response "
+                        f"stream, {label} (notifications/s)",
+                        _num(row["stock"]["notifications_per_s"]),
+                        _num(row["ours"]["notifications_per_s"]),
+                        f"{row['ratio']:.2f}x",
+                    )
+                )
+        raw = full.get("raw")
+        if raw:
+            rows.append(
+                (
+                    "7. Streamable HTTP: server CPU per notification, raw client (µs)",
+                    _num(raw["stock"]["server_cpu_us_per_notification"], 1),
+                    _num(raw["ours"]["server_cpu_us_per_notification"], 1),
+                    _ratio(
+                        raw["ours"]["server_cpu_us_per_notification"], raw["stock"]["server_cpu_us_per_notification"]
+                    ),
+                )
+            )
+    stalled = results.get("stalled-streamable", {}).get("summary")
+    if stalled and "stock" in stalled and "ours" in stalled:
+        st, ou = stalled["stock"], stalled["ours"]
+
+        def released(s: dict[str, Any]) -> str:
+            if not s["released_runs"]:
+                if s["blocked_s"] is not None and s["blocked_s"] < 0.05:
+                    return "never blocked (its sends returned; those past the cut were dropped)"
+                blocked = "" if s["blocked_s"] is None else f", blocked {s['blocked_s']:.1f} s"
+                return f"not released (to the tool's cap{blocked})"
+            return f"{s['release_send_wait_s']:.2f} s ({s['released_runs']}/{s['runs']} runs)"
+
+        def answered(s: dict[str, Any]) -> str:
+            d = s["during"]
+            return f"{d['answered']}/{d['pings']} ({d['timeouts']} timeouts)"
+
+        rows += [
+            (
+                f"8. Streamable stalled response stream: producer released after (grant_timeout "
+                f"{stalled['grant_timeout_s']:g} s)",
+                released(st),
+                released(ou),
+                "",
+            ),
+            (
+                f"8. Streamable stalled stream: same session's pings answered within {stalled['ping_timeout_s']:g} s",
+                answered(st),
+                answered(ou),
+                "",
+            ),
+        ]
+        for phase, key, label in (
+            ("baseline", "p50_ms", "p50, no stalled stream"),
+            ("during", "p50_ms", "p50, stalled stream"),
+            ("baseline", "p99_ms", "p99, no stalled stream"),
+            ("during", "p99_ms", "p99, stalled stream"),
+            ("during", "max_ms", "worst, stalled stream"),
+        ):
+            a, b = st[phase].get(key), ou[phase].get(key)
+            rows.append(
+                (
+                    f"8. Streamable stalled stream: same session's ping round trip, {label} (ms; answered pings)",
+                    _ping_cell(st[phase], key),
+                    _ping_cell(ou[phase], key),
+                    f"{b / a:.2f}x" if a and b else "",
+                )
+            )
+        rows += [
+            (
+                "8. Streamable stalled stream: SLOW_CONSUMER error event seen / the call's answer",
+                f"{st['slow_consumer_event_runs']}/{st['runs']} / {', '.join(st['call_answers'])}",
+                f"{ou['slow_consumer_event_runs']}/{ou['runs']} / {', '.join(ou['call_answers'])}",
+                "",
+            ),
+            (
+                "8. Streamable stalled stream: server RSS growth, peak (MiB)",
+                _num(st["rss_peak_growth_kib"] / 1024, 1),
+                _num(ou["rss_peak_growth_kib"] / 1024, 1),
+                _ratio(ou["rss_peak_growth_kib"], st["rss_peak_growth_kib"]) if st["rss_peak_growth_kib"] > 0 else "",
+            ),
+        ]
+    idle = results.get("idle-streamable", {}).get("summary")
+    if idle and "ratio" in idle:
+        rows.append(
+            (
+                f"9. Streamable idle sessions ({idle['sessions']:,}, each with its GET stream): server RSS per "
+                "session (KiB)",
+                _num(idle["stock"]["kib_per_session"], 1),
+                _num(idle["ours"]["kib_per_session"], 1),
+                f"{idle['ratio']:.2f}x",
+            )
+        )
+    resume = results.get("resume-streamable", {}).get("summary")
+    if resume and resume.get("ours"):
+        ours = resume["ours"]
+        n = f"{resume['events']:,}"
+        rows += [
+            (
+                f"10. Streamable resume, {n} missed {_size(resume['payload_bytes'])} notifications: reconnect to "
+                "first replayed event (ms)",
+                _stock_streamable_resume(resume),
+                _num(ours["first_event_ms"]["median"], 2),
+                "",
+            ),
+            (
+                f"10. Streamable resume: reconnect to all {n} and the answer (ms)",
+                "—",
+                _num(ours["all_events_ms"]["median"], 2),
+                "",
+            ),
+            ("10. Streamable resume: replay throughput (events/s)", "—", _num(ours["events_per_s"]["median"]), ""),
+            (
+                f"10. Streamable resume: server RSS growth holding the {n} missed events (KiB)",
+                "—",
+                _num(ours["rss_held_growth_kib"]["median"]),
+                "",
+            ),
+        ]
     return rows
 
 
@@ -1057,6 +1206,16 @@ def markdown(results: dict[str, Any], plots: list[str], json_path: str) -> str:
             "starts and stops itself (Debian's `redis-server` package and redis-py are needed).\n"
         )
 
+    add("## 7-10. Streamable HTTP\n")
+    if any(results.get(name, {}).get("summary") for name in STREAMABLE_SECTIONS):
+        add(_streamable_markdown(results))
+    else:
+        add(
+            "Not measured in this run. `python -m bench --only "
+            + ",".join(STREAMABLE_SECTIONS)
+            + "` compares the SDK's `StreamableHTTPSessionManager` with ours.\n"
+        )
+
     add("## Method and fairness\n")
     add(
         "\n".join(
@@ -1100,6 +1259,176 @@ def markdown(results: dict[str, Any], plots: list[str], json_path: str) -> str:
         )
     )
     add("")
+    return "\n".join(out)
+
+
+STREAMABLE_SECTIONS = ("streamable", "stalled-streamable", "idle-streamable", "resume-streamable")
+
+
+def _streamable_markdown(results: dict[str, Any]) -> str:
+    plan = results["plan"]
+    out: list[str] = []
+    add = out.append
+    add(
+        "The SDK's `mcp.server.streamable_http_manager.StreamableHTTPSessionManager` against "
+        "`mcp_sse_transport.StreamableHTTPSessionManager` (same constructor, plus `config`), each in its own "
+        "server process (`python -m bench.server --impl stock|ours --transport streamable`): the manager at "
+        "`/mcp` as a raw ASGI endpoint, its `run()` entered for the server's life, serving the same lowlevel "
+        "`Server`; no event store, no security settings, for both. The raw clients speak protocol 2025-06-18 "
+        "(no priming events), each POST on a connection of its own; rows are in the table above.\n"
+    )
+    full = results.get("streamable", {}).get("summary")
+    if full:
+        add("### 7. Notifications/s on a POST's response stream\n")
+        add(
+            f"The `progress` tool sends {full['notifications']:,} progress notifications related to the call, on "
+            "the call's POST response stream. Twice per round and transport: through "
+            '`Client(streamable_http_client(url), mode="legacy")` with a `progress_callback` counting them (after '
+            "a discarded warm-up call), and through a raw socket that POSTs `tools/call` on an initialized session "
+            "and counts `event: message` until the notifications and the answer arrived. Medians over "
+            f"{plan['full_rounds']} rounds (min-max).\n"
+        )
+        rows: list[tuple[str, ...]] = []
+        for client, label in (("sdk", "SDK client"), ("raw", "raw client")):
+            row = full.get(client)
+            if row:
+                rows.append(
+                    (
+                        label,
+                        f"{row['stock']['notifications_per_s']:,.0f} ({row['stock']['min']:,.0f}-"
+                        f"{row['stock']['max']:,.0f})",
+                        f"{row['ours']['notifications_per_s']:,.0f} ({row['ours']['min']:,.0f}-"
+                        f"{row['ours']['max']:,.0f})",
+                        f"{row['ratio']:.2f}x",
+                        _num(row["stock"]["server_cpu_us_per_notification"], 1),
+                        _num(row["ours"]["server_cpu_us_per_notification"], 1),
+                    )
+                )
+        add(
+            _md_table(
+                ("client", "stock notifications/s", "ours notifications/s", "ratio", "stock CPU µs", "ours CPU µs"),
+                rows,
+            )
+        )
+        add("")
+    stalled = results.get("stalled-streamable", {}).get("summary")
+    if stalled and "stock" in stalled and "ours" in stalled:
+        add("### 8. A stalled response stream, and the same session's pings\n")
+        add(
+            "A fresh server per run; ours with `SseConfig(grant_timeout="
+            f"{stalled['grant_timeout_s']:g}, write_timeout={stalled['write_timeout_s']:g})`. On one initialized "
+            "session, a `tools/call flood` POSTed on a socket with a 4 KiB receive buffer, whose response stream "
+            f"the client stops reading after the head, while the tool sends {stalled['payload_bytes']:,} B progress "
+            "notifications as fast as `send_progress_notification` returns, for "
+            f"{stalled['tool_cap_s']:g} s at most. Meanwhile the same session pings: one POST every "
+            f"{stalled['ping_interval_s'] * 1000:g} ms for {stalled['window_s']:g} s, each on its own connection "
+            f"and not waiting for the previous one, each given {stalled['ping_timeout_s']:g} s (a ping not answered "
+            f"by then is a timeout); the baseline is {plan['baseline_seconds']:g} s of the same just before. "
+            "Then the client reads what the stalled stream still delivers (ours: until it ends; stock: 1 s), "
+            "looking for the `SLOW_CONSUMER` (-32050) error event and the call's answer. Stock's per-session "
+            "message router puts each message into its request's 16-slot stream; once the stalled one is full it "
+            "blocks, and with it every other message of the session.\n"
+        )
+        stall_rows: list[tuple[str, ...]] = []
+        for impl in ("stock", "ours"):
+            s = stalled[impl]
+            b, d = s["baseline"], s["during"]
+            stall_rows.append(
+                (
+                    impl,
+                    "no"
+                    if not s["released_runs"]
+                    else f"after {s['release_send_wait_s']:.2f} s ({s['released_runs']}/{s['runs']})",
+                    f"{d['answered']}/{d['pings']} ({d['timeouts']} timeouts, {d['errors']} errors)",
+                    f"{_ping_cell(b, 'p50_ms')} / {_ping_cell(b, 'p99_ms')}",
+                    f"{_ping_cell(d, 'p50_ms')} / {_ping_cell(d, 'p99_ms')} / {_ping_cell(d, 'max_ms', 1)}",
+                    f"{s['slow_consumer_event_runs']}/{s['runs']}",
+                    ", ".join(s["call_answers"]),
+                    f"{s['rss_peak_growth_kib'] / 1024:.1f}",
+                )
+            )
+        add(
+            _md_table(
+                (
+                    "",
+                    "producer released",
+                    "pings answered (stalled)",
+                    "ping p50 / p99, baseline (ms)",
+                    "ping p50 / p99 / worst, stalled (ms)",
+                    "SLOW_CONSUMER event",
+                    "call answer",
+                    "RSS growth peak (MiB)",
+                ),
+                stall_rows,
+                numeric=False,
+            )
+        )
+        add("")
+    idle = results.get("idle-streamable", {}).get("summary")
+    if idle and "ratio" in idle:
+        add("### 9. Idle sessions\n")
+        add(
+            f"A fresh server per run; {idle['sessions']:,} sessions (50 at a time), each a raw POST `initialize`, a "
+            "POST `notifications/initialized` and a GET of its standalone stream, whose head is read and which "
+            "then stays open, idle. RSS before (after 20 warm-up sessions) and after each "
+            f"{plan['idle_step']}; KiB/session is the growth at the end over the session count.\n"
+        )
+        add(
+            _md_table(
+                ("", "stock KiB/session (min-max)", "ours KiB/session (min-max)", "ratio"),
+                [
+                    (
+                        "session + open GET stream",
+                        *(
+                            f"{idle[i]['kib_per_session']:.1f} ({idle[i]['min']:.1f}-{idle[i]['max']:.1f})"
+                            for i in ("stock", "ours")
+                        ),
+                        f"{idle['ratio']:.2f}x",
+                    )
+                ],
+            )
+        )
+        add("")
+    resume = results.get("resume-streamable", {}).get("summary")
+    if resume and resume.get("ours"):
+        ours = resume["ours"]
+        n = f"{resume['events']:,}"
+        add("### 10. Resuming a dropped response stream\n")
+        add(
+            "Ours only: the SDK ships no `EventStore` (its example `InMemoryEventStore` is not in the `mcp` "
+            "package), and stock without one has no resumption"
+            + (f" (probed once per run: {p})" if (p := _stock_streamable_probe(resume)) else "")
+            + ". A fresh "
+            "server per round; a `tools/call replay` POST reads the call's first progress notification and drops "
+            "the connection; `GET /replay/go` waits until the response stream is detached, has the tool send "
+            f"{n} more {_size(resume['payload_bytes'])} notifications and answers once they are in (the tool "
+            "then answers the call). The client GETs `/mcp` with `Mcp-Session-Id` and `Last-Event-ID` set to the "
+            "first notification's id and times, from opening the connection, the first replayed event and the "
+            f"last (the call's answer), and checks: exactly the {n} notifications in order (progress 2 to "
+            f"{resume['events'] + 1}), then the answer, every id once and consecutive after the one it saw. "
+            f"{resume['rounds']} rounds, each after a discarded warm-up cycle.\n"
+        )
+        add(
+            _md_table(
+                ("", "median", "min-max"),
+                [
+                    (
+                        label,
+                        _num(ours[key]["median"], digits),
+                        f"{_num(ours[key]['min'], digits)}-{_num(ours[key]['max'], digits)}",
+                    )
+                    for key, label, digits in (
+                        ("head_ms", "reconnect to response head (ms)", 2),
+                        ("first_event_ms", "reconnect to first replayed event (ms)", 2),
+                        ("all_events_ms", f"reconnect to all {n} and the answer (ms)", 2),
+                        ("events_per_s", "replay events/s", 0),
+                        ("rss_held_growth_kib", f"RSS growth holding the {n} missed events (KiB)", 0),
+                    )
+                ],
+            )
+        )
+        add("")
+        add(f"Server CPU per replayed event: {_num(ours['server_cpu_us_per_event'], 1)} µs.\n")
     return "\n".join(out)
 
 

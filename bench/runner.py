@@ -57,6 +57,15 @@ class Plan:
     resume_payload: int = 200
     resume_warmup_events: int = 50
     settle: float = 0.2
+    # Streamable HTTP (bench/streamable.py); the full stack, stalled and idle sections reuse the
+    # fields above (full_*, stall_*, grant/write_timeout, baseline_seconds, idle_*, resume_*).
+    stream_stall_window: float = 6.0
+    """Seconds of pings while the stalled response stream is held (ours cuts it loose within)."""
+    stream_ping_interval: float = 0.05
+    stream_ping_timeout: float = 5.0
+    streamable_resume_events: int = 500
+    """Missed notifications to replay: the dropped stream buffers them (and the answer) within
+    SseConfig.max_buffered_events (1,000)."""
     # 6. Scale-out on Redis: ours with the in-memory store vs ours with redis_url (stock for context).
     redis_rounds: int = 3
     redis_events: tuple[tuple[int, int], ...] = ((200, 30000), (16384, 4000))
@@ -87,6 +96,7 @@ class Plan:
             redis_ping_seconds=0.5,
             redis_resume_rounds=2,
             takeover_rounds=1,
+            stream_stall_window=4.0,
         )
 
     def n_events(self, size: int) -> int:
@@ -1066,7 +1076,9 @@ def plan_from_json(saved: dict[str, Any]) -> Plan:
 
 def resummarize(results: dict[str, Any]) -> None:
     """Recompute every section's summary from its raw runs (after a change to the statistics)."""
+    from .streamable import SUMMARIZERS as STREAMABLE_SUMMARIZERS
+
     plan = plan_from_json(results["plan"])
-    for name, summarize in SUMMARIZERS.items():
+    for name, summarize in {**SUMMARIZERS, **STREAMABLE_SUMMARIZERS}.items():
         if name in results and results[name].get("runs"):
             results[name]["summary"] = summarize(results[name]["runs"], plan)

@@ -31,6 +31,19 @@ takes over, the transport entered for the server's life), so several of these pr
 one Redis are workers of one deployment; ``--redis-prefix`` and ``--owner-lease`` as in
 ``SseConfig``. Everything else is as without it.
 
+With ``--transport streamable`` the app is Streamable HTTP instead (``build_streamable_app``): the
+session manager (stock: ``mcp.server.streamable_http_manager.StreamableHTTPSessionManager``; ours:
+``mcp_sse_transport.StreamableHTTPSessionManager`` with ``SseConfig``, ``--grant-timeout`` and
+``--write-timeout`` as above), its ``run()`` entered for the server's life, serving the lowlevel
+``Server`` with two more tools on the call's own response stream:
+
+- ``/mcp``                    the manager's endpoint (POST, GET, DELETE), as a raw ASGI app.
+- tool ``flood``              (``tag``, ``size``, ``cap``) the ``/flood`` producer, as ``size``-byte
+                              progress notifications; progress under ``/stats?tag=T``.
+- tool ``replay``             (``tag``, ``n``, ``size``) the ``/replay`` producer: one notification,
+                              then ``n`` more once ``/replay/go?tag=T&session=I&stream=S`` saw the
+                              response stream S (from its event ids) detached (ours), then the answer.
+
 Stock (``mcp.server.sse.SseServerTransport``) uses the SDK's documented endpoint pattern (a
 Starlette function endpoint around ``connect_sse`` that returns ``Response()``); ours
 (``mcp_sse_transport.SseServerTransport``) a raw ASGI endpoint, as its docs recommend, served by the
@@ -80,19 +93,53 @@ def make_message(size: int) -> types.JSONRPCNotification:
     return message
 
 
-def make_lowlevel_server() -> Server[Any]:
+class _ProgressWriter:
+    """A write stream for :class:`Flood` and :class:`Replays` inside a tool call: each ``send``
+    is one progress notification on the call's own stream (its ``message`` padded so that the
+    notification is about ``size`` bytes); the item passed in is ignored."""
+
+    def __init__(self, ctx: Any, token: str | int, size: int) -> None:
+        self.ctx = ctx
+        self.token = token
+        self.pad = "x" * max(0, size - 110)  # the rest of a progress notification's JSON
+        self.sent = 0
+
+    async def send(self, item: Any) -> None:
+        self.sent += 1
+        await self.ctx.session.send_progress_notification(
+            self.token, self.sent, None, message=self.pad, related_request_id=self.ctx.request_id
+        )
+
+
+def make_lowlevel_server(flood: Flood | None = None, replays: Replays | None = None) -> Server[Any]:
     """The full-stack server: one tool, ``progress``, that sends ``count`` progress notifications
-    (``interval`` seconds apart, 0 by default: as fast as they go)."""
+    (``interval`` seconds apart, 0 by default: as fast as they go). With ``flood`` and
+    ``replays`` (the Streamable HTTP app) two more, on the call's own response stream: ``flood``
+    (``tag``, ``size``, ``cap``: :class:`Flood`'s producer as progress notifications) and
+    ``replay`` (``tag``, ``n``, ``size``: :class:`Replays`'s, one notification, then ``n`` more
+    once ``/replay/go`` says so); each answers once its producer is done."""
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         properties = {"count": {"type": "integer"}, "interval": {"type": "number"}}
         schema = {"type": "object", "properties": properties, "required": ["count"]}
-        return types.ListToolsResult(tools=[types.Tool(name="progress", input_schema=schema)])
+        tools = [types.Tool(name="progress", input_schema=schema)]
+        for name in ("flood", "replay"):
+            tools.append(types.Tool(name=name, input_schema={"type": "object", "properties": {}}))
+        return types.ListToolsResult(tools=tools)
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
-        count = int((params.arguments or {}).get("count", 0))
-        interval = float((params.arguments or {}).get("interval", 0))
+        args = params.arguments or {}
         token = (ctx.meta or {}).get("progress_token")
+        if params.name == "flood" and flood is not None and token is not None:
+            writer = _ProgressWriter(ctx, token, int(args.get("size", 1024)))
+            await flood.run(str(args["tag"]), writer, 200, int(args.get("max", 10_000_000)), float(args.get("cap", 30)))
+            return types.CallToolResult(content=[types.TextContent(type="text", text=f"sent {writer.sent}")])
+        if params.name == "replay" and replays is not None and token is not None:
+            writer = _ProgressWriter(ctx, token, int(args.get("size", 200)))
+            await replays.run(str(args["tag"]), writer, int(args["n"]), 200, float(args.get("wait", 60)))
+            return types.CallToolResult(content=[types.TextContent(type="text", text=f"sent {writer.sent}")])
+        count = int(args.get("count", 0))
+        interval = float(args.get("interval", 0))
         if token is not None:
             for i in range(1, count + 1):
                 await ctx.session.send_progress_notification(token, i, count, related_request_id=ctx.request_id)
@@ -119,6 +166,8 @@ class Flood:
             "released": None,
             "release_send_wait": None,
             "error": None,
+            "max_send_wait": 0.0,  # the longest single send, and when it returned or failed
+            "max_send_wait_at": None,
         }
         self.runs[tag] = state
         deadline = state["opened"] + cap
@@ -127,14 +176,19 @@ class Flood:
                 state["pending_since"] = time.monotonic()
                 with anyio.fail_after(max(0.0, deadline - time.monotonic()) + 0.001):
                     await write.send(SessionMessage(message))
+                now = time.monotonic()
+                if now - state["pending_since"] > state["max_send_wait"]:
+                    state["max_send_wait"], state["max_send_wait_at"] = now - state["pending_since"], now
                 state["pending_since"] = None
                 state["sent"] += 1
-                state["last_ok"] = time.monotonic()
+                state["last_ok"] = now
         except BaseException as exc:
             now = time.monotonic()
             state["released"] = now
             if state["pending_since"] is not None:
                 state["release_send_wait"] = now - state["pending_since"]
+                if state["release_send_wait"] > state["max_send_wait"]:
+                    state["max_send_wait"], state["max_send_wait_at"] = state["release_send_wait"], now
             state["error"] = type(exc).__name__
             if not isinstance(exc, (*_CLOSED, TimeoutError)):
                 raise
@@ -159,6 +213,8 @@ class Flood:
             "released": rel(state["released"]),
             "release_send_wait": state["release_send_wait"],
             "error": state["error"],
+            "max_send_wait": state["max_send_wait"],
+            "max_send_wait_at": rel(state["max_send_wait_at"]),
         }
 
 
@@ -383,6 +439,65 @@ def build_app(
     return Starlette(routes=routes), transport
 
 
+def _find_stream(manager: Any, session_id: str, stream_id: str) -> Any:
+    """Ours: the response stream ``stream_id`` of session ``session_id`` (its event ids name
+    both), read from the manager's internals, for the bench only; ``None`` if there is none."""
+    hosted = getattr(manager, "_sessions", {}).get(session_id)
+    return None if hosted is None else hosted.streams.find(stream_id)
+
+
+def build_streamable_app(
+    impl: str, grant_timeout: float | None, write_timeout: float | None
+) -> tuple[Starlette, contextlib.AbstractAsyncContextManager[Any]]:
+    """The Streamable HTTP app: the session manager (stock's, or ours with ``SseConfig``) at
+    ``/mcp`` serving the lowlevel ``Server`` with its ``flood`` and ``replay`` tools, ``/stats``
+    and ``/replay/go`` as in the SSE app; and the manager's ``run()``, to enter while serving.
+    Both managers get the same arguments (no event store, no security settings)."""
+    flood = Flood()
+    replays = Replays()
+    mcp_server = make_lowlevel_server(flood, replays)
+    manager: Any
+    if impl == "stock":
+        from mcp.server.streamable_http_manager import StreamableHTTPSessionManager as StockManager
+
+        manager = StockManager(mcp_server)
+    else:
+        from mcp_sse_transport import SseConfig, StreamableHTTPSessionManager
+
+        config = SseConfig()
+        if grant_timeout is not None:
+            config = dataclasses.replace(config, grant_timeout=grant_timeout)
+        if write_timeout is not None:
+            config = dataclasses.replace(config, write_timeout=write_timeout)
+        manager = StreamableHTTPSessionManager(mcp_server, config=config)
+
+    class Endpoint:  # a class instance, so Starlette's Route treats it as a raw ASGI app
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await manager.handle_request(scope, receive, send)
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse(flood.stats(request.query_params.get("tag", "")))
+
+    async def replay_go(request: Request) -> JSONResponse:
+        q = request.query_params
+        attached: Callable[[], bool | None] | None = None
+        if impl == "ours":
+            session_id, stream_id = q.get("session", ""), q.get("stream", "")
+
+            def attached() -> bool | None:
+                stream = _find_stream(manager, session_id, stream_id)
+                return None if stream is None else bool(stream.attached)
+
+        return JSONResponse(await replays.go(q.get("tag", ""), attached, float(q.get("wait", 30))))
+
+    routes = [
+        Route("/mcp", endpoint=Endpoint(), methods=["GET", "POST", "DELETE"]),
+        Route("/stats", endpoint=stats, methods=["GET"]),
+        Route("/replay/go", endpoint=replay_go, methods=["GET"]),
+    ]
+    return Starlette(routes=routes), manager.run()
+
+
 def raise_fd_limit(wanted: int = 65536) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -394,6 +509,12 @@ def raise_fd_limit(wanted: int = 65536) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=IMPLS, required=True)
+    parser.add_argument(
+        "--transport",
+        choices=("sse", "streamable"),
+        default="sse",
+        help="sse: the legacy SSE app (default); streamable: the Streamable HTTP session manager at /mcp",
+    )
     parser.add_argument("--grant-timeout", type=float, default=None, help="ours: SseConfig.grant_timeout")
     parser.add_argument("--write-timeout", type=float, default=None, help="ours: SseConfig.write_timeout")
     parser.add_argument("--redis-url", default=None, help="ours: SseConfig.redis_url (scale-out on this Redis)")
@@ -409,14 +530,20 @@ def main(argv: list[str] | None = None) -> None:
         import runpy
 
         runpy.run_path(preload, run_name="bench_preload")
-    app, transport = build_app(
-        args.impl,
-        args.grant_timeout,
-        args.write_timeout,
-        redis_url=args.redis_url,
-        redis_prefix=args.redis_prefix,
-        owner_lease=args.owner_lease,
-    )
+    running: contextlib.AbstractAsyncContextManager[Any] | None = None
+    if args.transport == "streamable":
+        if args.redis_url is not None:
+            parser.error("--redis-url is for --transport sse")
+        app, running = build_streamable_app(args.impl, args.grant_timeout, args.write_timeout)
+    else:
+        app, transport = build_app(
+            args.impl,
+            args.grant_timeout,
+            args.write_timeout,
+            redis_url=args.redis_url,
+            redis_prefix=args.redis_prefix,
+            owner_lease=args.owner_lease,
+        )
 
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
     # accepted sockets inherit the listener's. With socket.socket(AF_INET, SOCK_STREAM) (proto 0)
@@ -459,6 +586,8 @@ def main(argv: list[str] | None = None) -> None:
         async with contextlib.AsyncExitStack() as stack:
             if args.redis_url is not None:
                 await stack.enter_async_context(transport)  # joins the cluster; hands sessions off on exit
+            if running is not None:
+                await stack.enter_async_context(running)  # the session manager's run()
             print(f"READY {sock.getsockname()[1]} {os.getpid()}", flush=True)
             await server.serve(sockets=[sock])
 
