@@ -447,20 +447,9 @@ class SseStream:
             if not head.startswith(b"HTTP/1.1 200") or b"transfer-encoding: chunked" not in head.lower():
                 raise RuntimeError(f"unexpected response {head[:200]!r}")
             self.head, self.head_at, self._raw = head, now, rest
-        while True:  # whole chunks only
-            eol = self._raw.find(b"\r\n")
-            if eol < 0:
-                break
-            size = int(self._raw[:eol].split(b";", 1)[0], 16)
-            end = eol + 2 + size
-            if size == 0:
-                self.eof = True
-                self._raw = b""
-                break
-            if len(self._raw) < end + 2:
-                break
-            self._body += self._raw[eol + 2 : end]
-            self._raw = self._raw[end + 2 :]
+        body, self._raw, eof = take_chunks(self._raw)
+        self._body += body
+        self.eof = self.eof or eof
         *blocks, self._body = self._body.split(b"\r\n\r\n")
         for event in sse_events(b"\r\n\r\n".join(blocks) + b"\r\n\r\n") if blocks else []:
             if "id" in event:
@@ -507,3 +496,21 @@ async def post_json(port: int, endpoint: str, message: dict[str, Any], time_limi
     finally:
         writer.close()
     return int(head.split(b" ", 2)[1])
+
+
+def take_chunks(raw: bytes) -> tuple[bytes, bytes, bool]:
+    """The whole chunks at the start of a chunked HTTP body ``raw``: their bytes, what is left
+    (a partial chunk), and whether the terminating chunk came (then nothing is left)."""
+    body = b""
+    while True:
+        eol = raw.find(b"\r\n")
+        if eol < 0:
+            return body, raw, False
+        size = int(raw[:eol].split(b";", 1)[0], 16)
+        end = eol + 2 + size
+        if size == 0:
+            return body, b"", True
+        if len(raw) < end + 2:
+            return body, raw, False
+        body += raw[eol + 2 : end]
+        raw = raw[end + 2 :]

@@ -112,6 +112,12 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def spread_of(runs: list[dict[str, Any]], key: str, scale: float = 1.0) -> dict[str, float | None]:
+    """Median, min and max of ``key`` (times ``scale``) over the runs that have it."""
+    values = [r[key] * scale for r in runs if r.get(key) is not None]
+    return {"median": median(values), "min": min(values) if values else None, "max": max(values) if values else None}
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile, ``q`` in [0, 100]: the smallest value with at least q% of the
     values at or below it."""
@@ -635,12 +641,7 @@ def summarize_resume(runs: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
     probe = next((r for r in runs if r["impl"] == "stock"), None)
 
     def spread(key: str, scale: float = 1.0) -> dict[str, float | None]:
-        values = [r[key] * scale for r in ours if r.get(key) is not None]
-        return {
-            "median": median(values),
-            "min": min(values) if values else None,
-            "max": max(values) if values else None,
-        }
+        return spread_of(ours, key, scale)
 
     return {
         "events": plan.resume_events,

@@ -22,9 +22,9 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .client import _Counter, call_progress, http_get_json, resume_run, sse_events
+from .client import _Counter, call_progress, http_get_json, resume_run, sse_events, take_chunks
 from .procs import ServerProc
-from .runner import IMPLS, Plan, check_replayed_ids, log, median, order, percentile
+from .runner import IMPLS, Plan, check_replayed_ids, log, median, order, percentile, spread_of
 
 PATH = "/mcp"
 PROTOCOL = "2025-06-18"
@@ -129,20 +129,9 @@ class EventReader:
             self.head, self._raw = head, rest
             if _status(head) != 200 or b"transfer-encoding: chunked" not in head.lower():
                 return  # not an event stream: read_head's caller looks at the status
-        while True:  # whole chunks only
-            eol = self._raw.find(b"\r\n")
-            if eol < 0:
-                break
-            size = int(self._raw[:eol].split(b";", 1)[0], 16)
-            end = eol + 2 + size
-            if size == 0:
-                self.eof = True
-                self._raw = b""
-                break
-            if len(self._raw) < end + 2:
-                break
-            self._body += self._raw[eol + 2 : end]
-            self._raw = self._raw[end + 2 :]
+        body, self._raw, eof = take_chunks(self._raw)
+        self._body += body
+        self.eof = self.eof or eof
         *blocks, self._body = self._body.split(b"\r\n\r\n")
         for event in sse_events(b"\r\n\r\n".join(blocks) + b"\r\n\r\n") if blocks else []:
             self._events.append((now, event))
@@ -829,12 +818,7 @@ def summarize_resume_streamable(runs: list[dict[str, Any]], plan: Plan) -> dict[
     probe = next((r for r in runs if r["impl"] == "stock"), None)
 
     def spread(key: str, scale: float = 1.0) -> dict[str, float | None]:
-        values = [r[key] * scale for r in ours if r.get(key) is not None]
-        return {
-            "median": median(values),
-            "min": min(values) if values else None,
-            "max": max(values) if values else None,
-        }
+        return spread_of(ours, key, scale)
 
     return {
         "events": plan.streamable_resume_events,

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+import anyio
 import httpx2
 
 from ._support import RawSseStream
@@ -62,3 +64,17 @@ async def open_session(base: str, path: str = "/mcp", extra: dict[str, str] | No
 def data(body: str) -> list[Any]:
     """The JSON of every event with data in an event-stream body (priming events have none)."""
     return [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:") and line[5:].strip()]
+
+
+class Logged(logging.Handler):
+    """Sets ``seen`` once a record whose message contains ``text`` is logged: a test waits on it.
+    The logger must let INFO records through (``caplog.set_level``) for it to see them."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.INFO)
+        self.text = text
+        self.seen = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()

@@ -42,48 +42,14 @@ from mcp_sse_transport import (
 )
 from mcp_sse_transport.redis_store import RedisEventStore
 
+from ._streamable import headers as _headers
+from ._streamable import message as _message
+from ._streamable import open_session as _open_session
 from ._support import CuttingProxy, RawSseStream, SseEvent, serving
 
 pytestmark = pytest.mark.anyio
 
 GET_STREAM = "_GET_stream"
-PROTOCOL = "2025-11-25"
-
-
-def _message(method: str, request_id: int | None = None, params: dict[str, Any] | None = None) -> bytes:
-    body: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if request_id is not None:
-        body["id"] = request_id
-    if params is not None:
-        body["params"] = params
-    return json.dumps(body).encode()
-
-
-def _headers(session_id: str, **extra: str) -> dict[str, str]:
-    return {
-        "mcp-session-id": session_id,
-        "mcp-protocol-version": PROTOCOL,
-        "accept": "application/json, text/event-stream",
-        "content-type": "application/json",
-        **extra,
-    }
-
-
-async def _open_session(base: str) -> str:
-    """Initialize a session over raw HTTP; its id."""
-    client_info = {"name": "raw", "version": "0"}
-    initialize = _message("initialize", 0, {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": client_info})
-    async with RawSseStream.open(base, "/mcp", post=initialize) as stream:
-        assert stream.status == 200, stream.status
-        session_id = stream.headers["mcp-session-id"]
-        while (event := await stream.next_event()) is not None and not event.data:
-            pass  # the priming event
-        assert event is not None and event.json()["id"] == 0
-    async with httpx2.AsyncClient() as client:
-        initialized = _message("notifications/initialized")
-        response = await client.post(f"{base}/mcp", content=initialized, headers=_headers(session_id))
-        assert response.status_code == 202
-    return session_id
 
 
 def _progress(n: int) -> types.JSONRPCNotification:

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from mcp_sse_transport import ErrorCode, SseConfig, StreamableHTTPSessionManager, streamable_http_app
 
-from ._streamable import INITIALIZE, data, headers, message, open_session
+from ._streamable import INITIALIZE, Logged, data, headers, message, open_session
 from ._support import RawSseStream, serving
 
 pytestmark = pytest.mark.anyio
@@ -168,23 +168,12 @@ async def test_delete_ends_the_session_and_answers_a_waiting_request() -> None:
     assert len(answers) == 1 and "error" in answers[0], answers  # one answer, an error: the session ended
 
 
-class _Logged(logging.Handler):
-    def __init__(self, text: str) -> None:
-        super().__init__(logging.INFO)
-        self.text = text
-        self.seen = anyio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.seen.set()
-
-
 async def test_a_session_idle_for_session_idle_timeout_ends_and_its_id_is_not_found(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     manager = StreamableHTTPSessionManager(_server()._lowlevel_server, session_idle_timeout=0.2)
     caplog.set_level(logging.INFO, logger="mcp_sse_transport")
-    idle = _Logged("idle for")
+    idle = Logged("idle for")
     logger = logging.getLogger("mcp_sse_transport")
     logger.addHandler(idle)
     try:
@@ -204,7 +193,7 @@ async def test_an_open_stream_holds_the_session_open_past_its_idle_timeout(caplo
     runs while it is open, and the countdown starts once the last one ended."""
     manager = StreamableHTTPSessionManager(_server()._lowlevel_server, session_idle_timeout=0.2)
     caplog.set_level(logging.INFO, logger="mcp_sse_transport")
-    idle = _Logged("idle for")
+    idle = Logged("idle for")
     logger = logging.getLogger("mcp_sse_transport")
     logger.addHandler(idle)
     try:

@@ -22,7 +22,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
 
 from mcp_sse_transport import ErrorCode, SseConfig, streamable_http_app
 
-from ._streamable import MODERN, data, message, open_session
+from ._streamable import MODERN, Logged, data, message, open_session
 from ._streamable import headers as session_headers
 from ._support import CuttingProxy, RawSseStream, SseEvent, serving
 
@@ -200,19 +200,6 @@ async def test_the_sdk_client_repeats_events_when_its_resumed_stream_is_cut_agai
 # -- a stalled response stream -----------------------------------------------------------------
 
 
-class _Logged(logging.Handler):
-    """Sets ``seen`` once a record whose message contains ``text`` is logged."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(logging.INFO)
-        self.text = text
-        self.seen = anyio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.seen.set()
-
-
 async def test_a_stalled_response_stream_is_cut_loose_and_its_session_goes_on() -> None:
     """One POST's response stream stops being read (a small receive buffer) while its tool sends
     1,000 notifications of 1 KiB (far more than the buffer and the sockets hold): the stream is cut
@@ -229,7 +216,7 @@ async def test_a_stalled_response_stream_is_cut_loose_and_its_session_goes_on() 
         finished.set()
         return "done"
 
-    cut_loose = _Logged("slow consumer cut loose")
+    cut_loose = Logged("slow consumer cut loose")
     logger = logging.getLogger("mcp_sse_transport")
     logger.addHandler(cut_loose)
     config = SseConfig(grant_timeout=1, write_timeout=2, max_buffered_events=50, socket_send_buffer=4096)
