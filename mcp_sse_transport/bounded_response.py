@@ -34,6 +34,14 @@ _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError)
 """What a producer gets from a stream that was cut loose, or whose connection is gone."""
 
 
+def _broken(exc: BaseException) -> bool:
+    """Whether ``exc`` is a broken or closed stream's error, alone or all of a group (the SDK's
+    code sends from inside a task group of its own)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_broken(inner) for inner in exc.exceptions)
+    return isinstance(exc, _BROKEN)
+
+
 def _is_event_stream(message: Message) -> bool:
     for name, value in message.get("headers", []):
         if name.lower() == b"content-type":
@@ -52,12 +60,20 @@ class _Bounded:
         self._task_group = task_group
         self.handler: SessionHandler | None = None
         self.written = anyio.Event()
+        self.dropped = False
 
     async def __call__(self, message: Message) -> None:
         handler = self.handler
+        if self.dropped:
+            return  # the connection was dropped: what the SDK still sends goes nowhere
         if handler is None:
-            with anyio.fail_after(self._config.write_timeout):  # a JSON answer, or the stream's head
+            with anyio.move_on_after(self._config.write_timeout) as stalled:  # a JSON answer, or the head
                 await self._send(message)
+            if stalled.cancelled_caught:
+                logger.info("a response stalled for %g s; its connection is dropped", self._config.write_timeout)
+                self.dropped = True
+                await end_stream(self._scope, self._send, False, self._config.write_timeout)
+                return
             if message["type"] == "http.response.start" and _is_event_stream(message):
                 self.handler = SessionHandler(uuid4().hex, self._config, Unstored())
                 self._task_group.start_soon(self._write, self.handler, self.handler.attach())
@@ -89,15 +105,16 @@ async def bounded_response(scope: Scope, send: Send, config: SseConfig) -> Async
     """A ``send`` for SDK code answering one request: pass it to the SDK's handler inside the
     block. A JSON answer passes through under ``write_timeout``; an event stream is written by
     a session handler of its own. The stream's own failures (cut loose, connection lost) end
-    the SDK's handler and are not raised: the stream's final event says what happened."""
+    the SDK's handler and are not raised: the stream's final event says what happened. A JSON
+    answer that stalls past ``write_timeout`` has its connection dropped."""
     async with anyio.create_task_group() as tg:
         bounded = _Bounded(scope, send, config, tg)
         try:
             yield bounded
-        except _BROKEN as exc:
-            if bounded.handler is None or not bounded.handler.failed:
+        except Exception as exc:
+            if bounded.handler is None or not bounded.handler.failed or not _broken(exc):
                 raise
-            logger.info("a response stream ended early (%s)", exc)
+            logger.info("a response stream ended early (%s)", bounded.handler.failure)
         finally:
             handler = bounded.handler
             if handler is not None:

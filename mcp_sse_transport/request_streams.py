@@ -22,7 +22,7 @@ import anyio.lowlevel
 
 from ._sdk import SessionMessage, answered_id, dump, jsonrpc_error, related_request_id, types
 from .config import SseConfig
-from .errors import ErrorCode
+from .errors import ErrorCode, StoreError
 from .handler import SessionHandler
 from .session import Stream
 from .store import EventStore
@@ -111,6 +111,9 @@ class SessionStreams:
         self._nowhere = _Nowhere(standalone.tag)
         self.shutting_down = False
         """The server shuts down: a stream answered from now on ends with the shutdown event."""
+        self.ending = False
+        """The session is being ended (DELETE, shutdown): answers the server still writes go
+        nowhere; the session's end answers every waiting request itself, with the reason."""
 
     @property
     def tag(self) -> str:
@@ -128,6 +131,8 @@ class SessionStreams:
             # Neither an answer nor a request's own: the standalone stream (one that broke
             # raises its error, until a GET renews it).
             return self.standalone
+        if self.ending and answered is not None:
+            return self._nowhere
         entry = self._requests.get(_key(target))
         if entry is None:  # answered already, or never ours
             return self._nowhere
@@ -207,7 +212,7 @@ class SessionStreams:
         """The session ended: every response stream's log goes."""
         streams, self._streams = self._streams, {}
         for stream_id in streams:
-            await self._store.drop(stream_id)
+            await self._drop_log(stream_id)
 
     async def _finish(self, stream: SessionHandler) -> None:
         """Drain an answered stream and end it; keep its log ``session_grace`` for a client cut
@@ -223,7 +228,14 @@ class SessionStreams:
     async def drop(self, stream: SessionHandler) -> None:
         if self._streams.get(stream.session_id) is stream:
             del self._streams[stream.session_id]
-        await self._store.drop(stream.session_id)
+        await self._drop_log(stream.session_id)
+
+    async def _drop_log(self, stream_id: str) -> None:
+        """Drop a stream's log; a store that fails to is logged (its own limits trim the log)."""
+        try:
+            await self._store.drop(stream_id)
+        except StoreError as exc:
+            logger.warning("session %s: a stream's log was not dropped (%s)", self.tag, exc)
 
     def _forget_oldest_ended(self) -> None:
         """Forget the oldest stream that ended with its answer; else the oldest that broke
@@ -234,4 +246,4 @@ class SessionStreams:
         if ended:
             _, stream_id = min(ended, key=lambda entry: entry[0])  # min is stable: the oldest of its kind
             del self._streams[stream_id]
-            self._spawn(partial(self._store.drop, stream_id))
+            self._spawn(partial(self._drop_log, stream_id))

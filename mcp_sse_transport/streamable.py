@@ -23,7 +23,7 @@ from uuid import uuid4
 
 import anyio
 import anyio.abc
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -123,9 +123,10 @@ class StreamableHTTPSessionManager:
         if isinstance(event_store, SdkEventStore):
             logger.warning("event_store: an SDK EventStore is not used; this manager keeps its own replay log")
         store = event_store if isinstance(event_store, EventStore) else None
-        store = store or InMemoryEventStore(
-            max_events=config.replay_max_events, max_bytes=config.replay_max_bytes, max_age=config.replay_max_age
-        )
+        if store is None:  # not ``or``: an empty in-memory store is falsy (it has a length)
+            store = InMemoryEventStore(
+                max_events=config.replay_max_events, max_bytes=config.replay_max_bytes, max_age=config.replay_max_age
+            )
         self._host = SessionHost(config, LocalBackplane(store))
         self._store = store
         self._security = TransportSecurityMiddleware(security_settings)
@@ -315,7 +316,11 @@ class StreamableHTTPSessionManager:
         elif request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             error = json_error("Unsupported Media Type: Content-Type must be application/json", 415, session=session_id)
         else:
-            body = await request.body()
+            try:
+                body = await request.body()
+            except ClientDisconnect:  # the client left mid-body: nobody to answer
+                logger.info("a POST's client disconnected before its body arrived")
+                return None
             try:
                 json.loads(body)
             except (ValueError, RecursionError) as exc:

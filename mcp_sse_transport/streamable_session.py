@@ -184,16 +184,19 @@ class HostedSession:
         finally:
             self._task_group = None
             self._on_end(self)  # from now on its id is not found
-            with anyio.CancelScope(shield=True):
-                self._host.discard(session)
-                read_stream.close()
-                await self._end()
-                await self._host.forget(session)
-                await self.streams.drop_all()
-            self._ended.set()
+            try:
+                with anyio.CancelScope(shield=True):
+                    self._host.discard(session)
+                    read_stream.close()
+                    await self._end()
+                    await self._host.forget(session)
+                    await self.streams.drop_all()
+            finally:
+                self._ended.set()
 
     def terminate(self) -> None:
         """End the session now (DELETE): requests waiting get a JSON-RPC error, streams end."""
+        self.streams.ending = True  # the reason, not the server's cancelled answers, reaches them
         self._host.discard(self.session)
         if self._cancel is not None:
             self._cancel.cancel()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -78,3 +80,16 @@ class Logged(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.text in record.getMessage():
             self.seen.set()
+
+
+@contextmanager
+def asgi_errors() -> Iterator[Logged]:
+    """Watch uvicorn's error log for an exception that escaped the app (enter it once uvicorn is
+    serving: its logging setup replaces the handlers of its loggers)."""
+    watcher = Logged("Exception in ASGI application")
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(watcher)
+    try:
+        yield watcher
+    finally:
+        logger.removeHandler(watcher)

@@ -22,9 +22,16 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from mcp_sse_transport import ErrorCode, SseConfig, StreamableHTTPSessionManager, streamable_http_app
+from mcp_sse_transport import (
+    ErrorCode,
+    InMemoryEventStore,
+    SseConfig,
+    StreamableHTTPSessionManager,
+    streamable_http_app,
+)
+from mcp_sse_transport.errors import StoreError
 
-from ._streamable import INITIALIZE, Logged, data, headers, message, open_session
+from ._streamable import INITIALIZE, Logged, asgi_errors, data, headers, message, open_session
 from ._support import RawSseStream, serving
 
 pytestmark = pytest.mark.anyio
@@ -165,7 +172,7 @@ async def test_delete_ends_the_session_and_answers_a_waiting_request() -> None:
                     assert _error(after) == (404, -32600, "Session not found")
                 await waiting.drain()
     answers = [event for event in data(waiting.body.decode()) if event.get("id") == 1]
-    assert len(answers) == 1 and "error" in answers[0], answers  # one answer, an error: the session ended
+    assert answers == [{"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "Session terminated"}}]
 
 
 async def test_a_session_idle_for_session_idle_timeout_ends_and_its_id_is_not_found(
@@ -276,3 +283,40 @@ async def test_run_can_be_entered_once_and_requests_need_it() -> None:
     with pytest.raises(RuntimeError, match="once"):
         async with manager.run():
             pass
+
+
+async def test_the_event_store_given_is_the_one_used_even_when_empty() -> None:
+    store = InMemoryEventStore(max_events=5)
+    assert not store, "an empty in-memory store is falsy"
+    manager = StreamableHTTPSessionManager(_server()._lowlevel_server, event_store=store)
+    assert manager._store is store
+
+
+class _FailingDrops(InMemoryEventStore):
+    """Keeps events, but cannot drop them (a store that went away): the sessions must go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tried = anyio.Event()
+
+    async def drop(self, session_id: str) -> None:
+        self.tried.set()
+        raise StoreError("the store is down")
+
+
+async def test_a_store_that_cannot_drop_a_log_ends_no_session(caplog: pytest.LogCaptureFixture) -> None:
+    store = _FailingDrops()
+    app = streamable_http_app(_server(), event_store=store, config=SseConfig(session_grace=0.01))
+    async with serving(app) as base:
+        with anyio.fail_after(15), asgi_errors() as escaped:
+            session_id = await open_session(base)
+            first = await _post(base, message("ping", 1), **headers(session_id))
+            await store.tried.wait()  # an answered stream retired, its log's drop failed
+            second = await _post(base, message("ping", 2), **headers(session_id))
+            async with httpx2.AsyncClient(timeout=5) as client:
+                deleted = await client.delete(f"{base}/mcp", headers=headers(session_id))
+            other = await open_session(base)  # the manager serves on
+    assert first.status_code == second.status_code == deleted.status_code == 200
+    assert other != session_id
+    assert any("was not dropped" in record.getMessage() for record in caplog.records)
+    assert not escaped.seen.is_set()

@@ -22,7 +22,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
 
 from mcp_sse_transport import ErrorCode, SseConfig, streamable_http_app
 
-from ._streamable import MODERN, Logged, data, message, open_session
+from ._streamable import MODERN, Logged, asgi_errors, data, message, open_session
 from ._streamable import headers as session_headers
 from ._support import CuttingProxy, RawSseStream, SseEvent, serving
 
@@ -322,7 +322,7 @@ async def test_a_2026_07_28_response_stream_has_the_same_limits() -> None:
     config = SseConfig(grant_timeout=1, write_timeout=2, max_buffered_events=20, socket_send_buffer=4096)
     headers = {"mcp-protocol-version": MODERN, "mcp-method": "tools/call"}
     async with serving(streamable_http_app(server, config=config)) as base:
-        with anyio.fail_after(30):
+        with anyio.fail_after(30), asgi_errors() as escaped:
             async with RawSseStream.open(
                 base, "/mcp", {**headers, "mcp-name": "flood"}, rcvbuf=4096, post=_modern_call(1, "flood")
             ) as stalled:
@@ -334,6 +334,7 @@ async def test_a_2026_07_28_response_stream_has_the_same_limits() -> None:
                 base, "/mcp", {**headers, "mcp-name": "few"}, post=_modern_call(2, "few")
             ) as read:
                 events = [event.json() async for event in _messages(read)]
+    assert not escaped.seen.is_set(), "the stream's failure escaped the app"
     assert [event.get("method") for event in events[:-1]] == ["notifications/progress"] * 5
     assert events[-1]["id"] == 2 and events[-1]["result"]["content"][0]["text"] == "ok"
 

@@ -110,7 +110,7 @@ async def test_shutdown_answers_every_waiting_request_and_ends_its_stream_with_a
                 f"{base}/mcp", content=message("ping", 2), headers=headers(session_id)
             )
     answers = [event.json() for event in events if event.data and event.event == "message"]
-    assert answers[-1]["id"] == 1 and "error" in answers[-1]
+    assert answers[-1] == {"jsonrpc": "2.0", "id": 1, "error": {"code": -32051, "message": "Server shutting down"}}
     final = events[-1]
     assert final.event == "error" and final.json()["code"] == ErrorCode.SERVER_SHUTDOWN and final.retry is not None
     assert after.status_code in (404, 503)
