@@ -439,14 +439,21 @@ class SseStream:
         writer.write(_request(port, target, headers))
         return cls(reader, writer)
 
+    def _event_stream(self, head: bytes) -> bool:
+        """Whether the response with ``head`` is an event stream to parse: it must be (the
+        takeover measurement reads a stream), else RuntimeError."""
+        if not head.startswith(b"HTTP/1.1 200") or b"transfer-encoding: chunked" not in head.lower():
+            raise RuntimeError(f"unexpected response {head[:200]!r}")
+        return True
+
     def _parse(self, now: float) -> None:
         if not self.head:
             head, sep, rest = self._raw.partition(b"\r\n\r\n")
             if not sep:
                 return
-            if not head.startswith(b"HTTP/1.1 200") or b"transfer-encoding: chunked" not in head.lower():
-                raise RuntimeError(f"unexpected response {head[:200]!r}")
             self.head, self.head_at, self._raw = head, now, rest
+            if not self._event_stream(head):
+                return
         body, self._raw, eof = take_chunks(self._raw)
         self._body += body
         self.eof = self.eof or eof

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .client import _Counter, call_progress, http_get_json, resume_run, sse_events, take_chunks
+from .client import SseStream, _Counter, call_progress, http_get_json, resume_run
 from .procs import ServerProc
 from .runner import IMPLS, Plan, check_replayed_ids, log, median, order, percentile, spread_of
 
@@ -98,18 +98,10 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
-class EventReader:
+class EventReader(SseStream):
     """One response's SSE events, parsed as they complete (chunked HTTP/1.1), each with the
-    ``perf_counter()`` of the read that completed it; ``head`` once the head arrived."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.head = b""
-        self._raw = b""
-        self._body = b""
-        self._events: list[tuple[float, dict[str, str]]] = []
-        self.eof = False
+    ``perf_counter()`` of the read that completed it; ``head`` once the head arrived. Unlike
+    :class:`SseStream`, any response is read: the caller looks at the status."""
 
     async def read_head(self, time_limit: float) -> bytes:
         async with asyncio.timeout(time_limit):
@@ -121,20 +113,8 @@ class EventReader:
                 self._parse(time.perf_counter())
         return self.head
 
-    def _parse(self, now: float) -> None:
-        if not self.head:
-            head, sep, rest = self._raw.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            self.head, self._raw = head, rest
-            if _status(head) != 200 or b"transfer-encoding: chunked" not in head.lower():
-                return  # not an event stream: read_head's caller looks at the status
-        body, self._raw, eof = take_chunks(self._raw)
-        self._body += body
-        self.eof = self.eof or eof
-        *blocks, self._body = self._body.split(b"\r\n\r\n")
-        for event in sse_events(b"\r\n\r\n".join(blocks) + b"\r\n\r\n") if blocks else []:
-            self._events.append((now, event))
+    def _event_stream(self, head: bytes) -> bool:
+        return _status(head) == 200 and b"transfer-encoding: chunked" in head.lower()
 
     def feed(self, chunk: bytes) -> None:
         """Bytes read by the caller instead of :meth:`next_event`."""
@@ -145,23 +125,6 @@ class EventReader:
         """Every complete event not yet taken."""
         events, self._events = self._events, []
         return [event for _, event in events]
-
-    async def next_event(self, time_limit: float) -> tuple[float, dict[str, str]] | None:
-        """The next event and when it arrived; ``None`` once the response ended."""
-        async with asyncio.timeout(time_limit):
-            while not self._events:
-                if self.eof:
-                    return None
-                try:
-                    chunk = await self.reader.read(65536)
-                except (ConnectionError, OSError):
-                    chunk = b""
-                if not chunk:
-                    self.eof = True
-                    return None
-                self._raw += chunk
-                self._parse(time.perf_counter())
-        return self._events.pop(0)
 
     async def response(self, request_id: int, time_limit: float) -> tuple[float, dict[str, Any]]:
         """Read until the JSON-RPC answer to ``request_id``: when it arrived, and the message."""
@@ -176,9 +139,6 @@ class EventReader:
             message = json.loads(event["data"])
             if message.get("id") == request_id and ("result" in message or "error" in message):
                 return at, message
-
-    def close(self) -> None:
-        _abort(self.writer)
 
 
 class StreamableSession:

@@ -33,6 +33,15 @@ def _offered(scope: Scope, name: str) -> Callable[..., object] | None:
     return extension.get(name) if isinstance(extension, dict) else None
 
 
+def header(scope: Scope, name: str) -> str | None:
+    """The value of the request's header ``name`` (the first, if repeated), or ``None``."""
+    key = name.lower().encode()
+    for field, value in scope.get("headers", []):
+        if field.lower() == key:
+            return bytes(value).decode("latin-1")
+    return None
+
+
 def disconnected(receive: Receive) -> Closed:
     """Returns once the client has gone (``http.disconnect``)."""
 

@@ -162,6 +162,11 @@ class SseConfig:
             raise ValueError(f"slow_consumer_policy must be 'block' or 'disconnect', got {self.slow_consumer_policy!r}")
 
     @property
+    def retry_after(self) -> dict[str, str]:
+        """The ``Retry-After`` header of a 503: ``retry_interval`` in whole seconds, at least one."""
+        return {"Retry-After": str(max(1, round(self.retry_interval)))}
+
+    @property
     def retry_ms(self) -> int:
         """``retry_interval`` as the SSE ``retry:`` field wants it."""
         return round(self.retry_interval * 1000)

@@ -3,7 +3,6 @@ request ledger; POSTed messages handed to their servers."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -31,7 +30,14 @@ from .backplane import Backplane
 from .config import SseConfig
 from .errors import StoreError
 from .handler import SessionHandler
-from .outbound import CLOSED, ServerWriteStream, id_too_long_error, report_id_too_long, report_parse_error
+from .outbound import (
+    CLOSED,
+    ServerWriteStream,
+    id_too_long,
+    id_too_long_answer,
+    report_id_too_long,
+    report_parse_error,
+)
 from .registry import RegistryStatistics, SessionRegistry
 from .session import ACCEPTED, NOT_HERE, REPEATED, STORE_UNAVAILABLE, Delivery, Outcome, Restore, Session, SessionsFull
 
@@ -212,13 +218,9 @@ class SessionHost:
         except ValidationError as err:
             logger.warning("session %s: could not parse a POSTed message", session.handler.tag)
             return Outcome(400, "Could not parse message", report=partial(report_parse_error, session, body, err))
-        if (
-            isinstance(message, types.JSONRPCRequest)
-            and len(json.dumps(message.id)) > self._config.max_request_id_bytes
-        ):
+        if id_too_long(message, self._config.max_request_id_bytes):
             logger.warning("session %s: refused a request whose id is too long", session.handler.tag)
-            # The id is not echoed (nor remembered), so ``id`` is null.
-            text = f'{{"jsonrpc":"2.0","id":null,"error":{id_too_long_error(self._config.max_request_id_bytes)}}}'
+            text = id_too_long_answer(self._config.max_request_id_bytes)
             return Outcome(400, text, json=True, report=partial(report_id_too_long, session))
         return await self.deliver_message(session, message, body, request)
 

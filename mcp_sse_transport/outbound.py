@@ -21,7 +21,15 @@ from .session import Session, Stream
 if TYPE_CHECKING:
     from .ledger import RequestLedger
 
-__all__ = ["CLOSED", "ServerWriteStream", "id_too_long_error", "report_id_too_long", "report_parse_error"]
+__all__ = [
+    "CLOSED",
+    "ServerWriteStream",
+    "id_too_long",
+    "id_too_long_answer",
+    "id_too_long_error",
+    "report_id_too_long",
+    "report_parse_error",
+]
 
 logger = logging.getLogger("mcp_sse_transport")
 
@@ -146,6 +154,17 @@ async def _report_unsendable(
 def id_too_long_error(limit: int) -> str:
     """The error object for a request id over ``max_request_id_bytes``."""
     return error_body(ErrorCode.INVALID_REQUEST, "Request id too long", {"max_request_id_bytes": limit})
+
+
+def id_too_long(message: types.JSONRPCMessage, limit: int) -> bool:
+    """Whether ``message`` is a request whose id, as JSON, is longer than ``limit`` bytes."""
+    return isinstance(message, types.JSONRPCRequest) and len(json.dumps(message.id)) > limit
+
+
+def id_too_long_answer(limit: int) -> str:
+    """The JSON-RPC error a POST of a request with a too-long id gets: ``id`` is null, since the
+    id is not echoed (nor remembered)."""
+    return f'{{"jsonrpc":"2.0","id":null,"error":{id_too_long_error(limit)}}}'
 
 
 async def report_id_too_long(session: Session) -> None:

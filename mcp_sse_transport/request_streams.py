@@ -23,6 +23,7 @@ import anyio.lowlevel
 from ._sdk import SessionMessage, answered_id, dump, jsonrpc_error, related_request_id, types
 from .config import SseConfig
 from .errors import ErrorCode, StoreError
+from .events import encode_event
 from .handler import SessionHandler
 from .session import Stream
 from .store import EventStore
@@ -93,7 +94,7 @@ def interrupted(request_id: types.RequestId) -> bytes:
         "The response stream broke before the answer; the request may or may not have taken effect",
         ErrorCode.REQUEST_INTERRUPTED,
     )
-    return b"event: message\r\ndata: " + dump(error).encode() + b"\r\n\r\n"
+    return encode_event(dump(error), event="message")
 
 
 class SessionStreams:

@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ._asgi import header
 from ._sdk import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     DEFAULT_MAX_SESSIONS,
@@ -55,7 +56,7 @@ from .config import SseConfig
 from .errors import ErrorCode
 from .host import SessionHost
 from .ids import session_tag
-from .outbound import id_too_long_error
+from .outbound import id_too_long, id_too_long_answer
 from .registry import RegistryStatistics
 from .session import SessionsFull
 from .store import EventStore, InMemoryEventStore
@@ -206,7 +207,7 @@ class StreamableHTTPSessionManager:
     async def _handle_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._task_group is None:
             raise RuntimeError("Task group is not initialized. Make sure to use run().")
-        version = _header(scope, MCP_PROTOCOL_VERSION_HEADER)
+        version = header(scope, MCP_PROTOCOL_VERSION_HEADER)
         if self.stateless or not handshake_era(version):
             async with bounded_response(scope, send, self._config) as bounded:
                 await self._stock.handle_request(scope, receive, bounded)
@@ -216,9 +217,9 @@ class StreamableHTTPSessionManager:
         if error is not None:
             return await error(scope, receive, send)
         if self._host.sessions.shutting_down:
-            return await json_error("Server shutting down", 503, ErrorCode.SERVER_SHUTDOWN, retry=self._retry())(
-                scope, receive, send
-            )
+            return await json_error(
+                "Server shutting down", 503, ErrorCode.SERVER_SHUTDOWN, retry=self._config.retry_after
+            )(scope, receive, send)
         session_id = request.headers.get(MCP_SESSION_ID_HEADER)
         if session_id is None:
             if request.method == "POST":
@@ -283,9 +284,9 @@ class StreamableHTTPSessionManager:
         try:
             session, read_stream = await self._host.open(uuid4().hex, owner_fingerprint(scope), None)
         except SessionsFull:
-            return await json_error("Too many open sessions", 503, ErrorCode.INTERNAL_ERROR, retry=self._retry())(
-                scope, receive, send
-            )
+            return await json_error(
+                "Too many open sessions", 503, ErrorCode.INTERNAL_ERROR, retry=self._config.retry_after
+            )(scope, receive, send)
         hosted = HostedSession(
             session, self._host, self._store, self.session_idle_timeout, self.json_response, self._forget
         )
@@ -331,29 +332,13 @@ class StreamableHTTPSessionManager:
                 except ValidationError as exc:
                     error = json_error(f"Validation error: {exc}", 400, -32602, session=session_id)
                 else:
-                    if not (
-                        isinstance(message, types.JSONRPCRequest)
-                        and len(json.dumps(message.id)) > self._config.max_request_id_bytes
-                    ):
+                    if not id_too_long(message, self._config.max_request_id_bytes):
                         return message, body
-                    text = (
-                        f'{{"jsonrpc":"2.0","id":null,"error":{id_too_long_error(self._config.max_request_id_bytes)}}}'
-                    )
+                    text = id_too_long_answer(self._config.max_request_id_bytes)
                     headers = {MCP_SESSION_ID_HEADER: session_id} if session_id else None
                     error = Response(text, 400, headers=headers, media_type="application/json")
         await error(scope, receive, send)
         return None
-
-    def _retry(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self._config.retry_interval)))}
-
-
-def _header(scope: Scope, name: str) -> str | None:
-    key = name.lower().encode()
-    for header, value in scope.get("headers", []):
-        if header == key:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 def _unsupported(session_id: str | None) -> Response:

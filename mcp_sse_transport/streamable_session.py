@@ -276,7 +276,7 @@ class HostedSession:
             stream = self.streams.open(message.id)
         except TooManyStreams:
             logger.warning("session %s: refused a request: too many streams", self.tag)
-            retry = {"Retry-After": str(max(1, round(self._config.retry_interval)))}
+            retry = self._config.retry_after
             error = json_error("Too many streams in this session", 503, session=self.session_id, retry=retry)
             return await responder.respond(error)
         attachment = stream.attach()  # before the server can write: nothing is taken for detached
@@ -314,7 +314,7 @@ class HostedSession:
             return Response(None, 202, headers=self.headers())
         if outcome is NOT_HERE:
             return json_error("Session not found", 404)
-        retry = {"Retry-After": str(max(1, round(self._config.retry_interval)))} if outcome.retry else None
+        retry = self._config.retry_after if outcome.retry else None
         return json_error(outcome.text, outcome.status, session=self.session_id, retry=retry)
 
     async def _cancelled(self, request_id: types.RequestId) -> None:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import SSE_HEADERS, stream_session
+from ._asgi import SSE_HEADERS, header, stream_session
 from ._sdk import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     Inbound,
@@ -58,11 +58,11 @@ def _restoration(scope: Scope) -> Restore | None:
     """What a new session replays for this GET: a handshake at the protocol version of its
     ``MCP-Protocol-Version`` header (only an initialized client sends one), if the SDK speaks it
     through ``initialize``; else nothing, and the session starts as any other."""
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"mcp-protocol-version":
-            version = value.decode("latin-1").strip()
-            return Restore(version) if speaks_handshake(version) else None
-    return None
+    version = header(scope, "mcp-protocol-version")
+    if version is None:
+        return None
+    version = version.strip()
+    return Restore(version) if speaks_handshake(version) else None
 
 
 def _backplane(config: SseConfig, event_store: EventStore | None, server: Server[Any] | None) -> Backplane:
@@ -249,11 +249,7 @@ class SseServerTransport:
                 await self._host.forget(session)
 
     def _unavailable(self, reason: str) -> Response:
-        return Response(reason, status_code=503, headers=self._retry_after())
-
-    def _retry_after(self) -> dict[str, str]:
-        """``Retry-After``: ``retry_interval`` in whole seconds, at least one."""
-        return {"Retry-After": str(max(1, round(self._config.retry_interval)))}
+        return Response(reason, status_code=503, headers=self._config.retry_after)
 
     async def _find_resumable(self, last_event_id: str, scope: Scope, receive: Receive, send: Send) -> Resume | None:
         """What serves the resume a Last-Event-ID asks for, if this credential may resume it.
@@ -338,6 +334,6 @@ class SseServerTransport:
             await outcome.report()
 
     def _response(self, outcome: Outcome) -> Response:
-        headers = self._retry_after() if outcome.retry else None
+        headers = self._config.retry_after if outcome.retry else None
         media_type = "application/json" if outcome.json else None
         return Response(outcome.text, status_code=outcome.status, headers=headers, media_type=media_type)
