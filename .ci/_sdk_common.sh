@@ -21,7 +21,7 @@ sdk_setup() {
 
     # 2. Test dependencies: the entries of the sdist's [dependency-groups].dev that the selected tests
     # need to be collected and run, with the SDK's own version specifiers. Not needed: pyright, ruff,
-    # pytest-xdist/-flakefinder/-pretty, pillow, strict-no-cover, pydantic-settings, mcp[cli],
+    # pytest-flakefinder/-pretty, pillow, strict-no-cover, pydantic-settings, mcp[cli],
     # the examples workspace, and dirty-equals (no selected test or conftest imports it; this holds
     # for the SSE and the Streamable HTTP selections alike).
     #   pytest, trio              runner; trio is imported by tests/interaction modules
@@ -29,7 +29,9 @@ sdk_setup() {
     #   inline-snapshot           snapshot() assertions
     #   logfire, opentelemetry-sdk, blockbuster   imported by tests/conftest.py and tests/server/conftest.py
     #   coverage                  imported by tests/interaction/transports/_stdio_server.py (collection)
-    local needed="pytest trio pytest-examples inline-snapshot logfire opentelemetry-sdk blockbuster coverage"
+    #   pytest-xdist              mcp 1.x's addopts pass --numprocesses (sdk_pytest turns it off: -p no:xdist
+    #                             would leave the option unknown)
+    local needed="pytest trio pytest-examples inline-snapshot logfire opentelemetry-sdk blockbuster coverage pytest-xdist"
     local reqs
     # shellcheck disable=SC2086  # $needed is a word list
     mapfile -t reqs < <("$PYTHON" - "$SRC/pyproject.toml" $needed <<'EOF'
@@ -64,15 +66,17 @@ EOF
 # $SDK_TESTS_TIMEOUT s. Sets SDK_RC to pytest's status, except that "no tests collected" (5) and a
 # timeout become failures (1); never exits the script.
 sdk_pytest() {
-    local plugin="$1" junit="$2" start=$SECONDS rc
+    local plugin="$1" junit="$2" start=$SECONDS rc serial=()
     shift 2
+    # One process, as the 2.x suite runs: the swap plugins patch the SDK in the process they load in.
+    if grep -q -- "--numprocesses" "$SRC/pyproject.toml"; then serial=(--numprocesses 0); fi
     set +e
     (
         cd "$SRC" &&
             PYTHONPATH="$PLUGIN_DIR${PYTHONPATH:+:$PYTHONPATH}" timeout -s INT -k 30 "${SDK_TESTS_TIMEOUT:-900}" \
                 "$PYTHON" -m pytest -o faulthandler_timeout=120 \
                 -p "$plugin" -p no:cacheprovider -ra --durations=5 \
-                --junitxml="$WORK/$junit" "$@"
+                --junitxml="$WORK/$junit" "${serial[@]}" "$@"
     )
     rc=$?
     set -e

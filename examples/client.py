@@ -6,28 +6,60 @@
 the SSE endpoint itself (default ``http://127.0.0.1:8000/sse``). By default the client transport is
 this library's resuming one; ``--stock`` uses the SDK's own ``sse_client``, which works against the
 server unchanged; ``--streamable`` speaks Streamable HTTP to ``/mcp`` with the SDK's
-``streamable_http_client``.
+``streamable_http_client``. It runs on either SDK major (2.x's ``Client``, 1.x's ``ClientSession``).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import anyio
-from mcp.client.client import Client
 from mcp.client.sse import sse_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp_types import TextContent
 
 from mcp_sse_transport.client import resumable_sse_client
 
+try:  # mcp 2.x
+    from mcp.client.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp_types import TextContent
+
+    MAJOR = 2
+except ImportError:  # mcp 1.x
+    from mcp.client.session import ClientSession  # type: ignore[attr-defined,unused-ignore]
+    from mcp.client.streamable_http import streamablehttp_client  # type: ignore[attr-defined,unused-ignore]
+    from mcp.types import TextContent  # type: ignore[no-redef,unused-ignore]
+
+    MAJOR = 1
+
+
+@asynccontextmanager
+async def session(kind: str, url: str) -> AsyncIterator[Any]:
+    """The SDK's client session over the chosen transport, initialized."""
+    if MAJOR >= 2:
+        transport: AbstractAsyncContextManager[Any]
+        if kind == "streamable":
+            transport = streamable_http_client(url)
+        else:
+            transport = sse_client(url) if kind == "stock" else resumable_sse_client(url)
+        async with Client(transport, mode="legacy") as client:
+            yield client
+        return
+    if kind == "streamable":
+        async with streamablehttp_client(url) as (read, write, _), ClientSession(read, write) as client:
+            await client.initialize()
+            yield client
+        return
+    transport = sse_client(url) if kind == "stock" else resumable_sse_client(url)
+    async with transport as (read, write), ClientSession(read, write) as client:
+        await client.initialize()
+        yield client
+
 
 async def main(url: str, kind: str) -> None:
-    if kind == "streamable":
-        transport = streamable_http_client(url)
-    else:
-        transport = sse_client(url) if kind == "stock" else resumable_sse_client(url)
-    async with Client(transport, mode="legacy") as client:
+    async with session(kind, url) as client:
         tools = await client.list_tools()
         print("tools:", ", ".join(tool.name for tool in tools.tools))
 
@@ -42,7 +74,8 @@ async def main(url: str, kind: str) -> None:
         print("countdown:", [c.text for c in result.content if isinstance(c, TextContent)])
 
         result = await client.call_tool("fail", {})  # a tool error, on purpose
-        print("fail: is_error =", result.is_error, [c.text for c in result.content if isinstance(c, TextContent)])
+        is_error = result.is_error if MAJOR >= 2 else result.isError
+        print("fail: is_error =", is_error, [c.text for c in result.content if isinstance(c, TextContent)])
 
 
 def _url(argv: list[str] | None) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """An MCP tool server on mcp-sse-transport: ``python -m examples.server [--host H] [--port P]``.
 
-It serves both transports: legacy HTTP+SSE at ``/sse`` (and ``/messages/``) and Streamable HTTP
+It runs on either SDK major (mcp 2.x's ``MCPServer``, or 1.x's ``FastMCP``). It serves both
+transports: legacy HTTP+SSE at ``/sse`` (and ``/messages/``) and Streamable HTTP
 at ``/mcp``. With ``--redis-url redis://127.0.0.1:6379/0``, run as many of these as you like, on
 their own ports, behind any load balancer: they share SSE sessions through Redis (the README's
 deployment section); Streamable HTTP sessions stay in one process, so it serves ``/sse`` only.
@@ -21,13 +22,19 @@ import shlex
 from pathlib import Path
 
 import anyio
-from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse
 
 from mcp_sse_transport import SseConfig, Transport, run, sse_app, streamable_http_app
+
+try:  # mcp 2.x
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+except ImportError:  # mcp 1.x: the same server, as its FastMCP (examples/frameworks/sdk1_server.py)
+    from mcp.server.fastmcp import Context  # type: ignore[attr-defined,no-redef,unused-ignore]
+    from mcp.server.fastmcp import FastMCP as MCPServer  # type: ignore[attr-defined,no-redef,unused-ignore]
+    from mcp.server.fastmcp.exceptions import ToolError  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 mcp = MCPServer("mcp-sse-transport example")
 PAGE = Path(__file__).parent / "static" / "index.html"

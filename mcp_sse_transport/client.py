@@ -17,17 +17,22 @@ from urllib.parse import parse_qs, urljoin, urlparse
 
 import anyio
 import anyio.abc
-import httpx2
 
 from ._sdk import (
     ContextSendStream,
     McpHttpClientFactory,
+    Message,
     ReadStream,
     SessionMessage,
     WriteStream,
     create_context_streams,
     create_mcp_http_client,
+    httpx,
+    message_of,
+    parse,
     request_within_origin,
+    sender_context,
+    session_message,
     sse_within_origin,
     types,
 )
@@ -93,7 +98,7 @@ async def resumable_sse_client(
     timeout: float = 5.0,  # noqa: ASYNC109 (the SDK's sse_client signature)
     sse_read_timeout: float = 300.0,
     httpx_client_factory: McpHttpClientFactory = create_mcp_http_client,
-    auth: httpx2.Auth | None = None,
+    auth: httpx.Auth | None = None,
     on_session_created: Callable[[str], None] | None = None,
     *,
     max_reconnects: int = 5,
@@ -129,7 +134,7 @@ async def resumable_sse_client(
     write_stream, write_reader = create_context_streams[SessionMessage](0)
 
     async with httpx_client_factory(
-        headers=headers, auth=auth, timeout=httpx2.Timeout(timeout, read=sse_read_timeout)
+        headers=headers, auth=auth, timeout=httpx.Timeout(timeout, read=sse_read_timeout)
     ) as client:
 
         def backoff(failures: int) -> float:
@@ -140,7 +145,7 @@ async def resumable_sse_client(
             for request_id in sorted(state.pending, key=str):
                 with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                     await read_writer.send(
-                        SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=request_id, error=error))
+                        session_message(types.JSONRPCError(jsonrpc="2.0", id=request_id, error=error))
                     )
             state.pending.clear()
 
@@ -161,7 +166,7 @@ async def resumable_sse_client(
                         on_endpoint(endpoint)
                     elif event.event == "message" and event.data:
                         try:
-                            message = types.jsonrpc_message_adapter.validate_json(event.data, by_name=False)
+                            message = parse(event.data)
                         except ValueError as exc:  # pydantic's ValidationError is one
                             skip_malformed(event.event, event.data, exc)
                             continue
@@ -169,7 +174,7 @@ async def resumable_sse_client(
                         state.superseded = 0
                         if isinstance(message, types.JSONRPCResponse | types.JSONRPCError):
                             state.pending.discard(message.id)
-                        await read_writer.send(SessionMessage(message))
+                        await read_writer.send(session_message(message))
                     elif event.event == "error":
                         try:
                             error = types.ErrorData.model_validate(json.loads(event.data))
@@ -222,7 +227,7 @@ async def resumable_sse_client(
                     except _SessionLost as lost:
                         await fail_pending(lost.error)
                         return
-                    except (httpx2.HTTPError, anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
+                    except (httpx.HTTPError, anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
                         if state.endpoint is None:
                             raise  # never connected: fail as the SDK's client does
                         logger.info("SSE stream dropped (%s); resuming", type(exc).__name__)
@@ -234,9 +239,9 @@ async def resumable_sse_client(
             finally:
                 read_writer.close()
 
-        async def refuse(message: types.JSONRPCMessage, exc: Exception) -> None:
+        async def refuse(message: Message, exc: Exception) -> None:
             """A POST refused, or never sent: no answer will come, so fail its request now."""
-            status = f" {exc.response.status_code}" if isinstance(exc, httpx2.HTTPStatusError) else ""
+            status = f" {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else ""
             logger.warning("POST failed (%s%s)", type(exc).__name__, status)
             if isinstance(message, types.JSONRPCRequest):
                 state.pending.discard(message.id)
@@ -252,7 +257,7 @@ async def resumable_sse_client(
                 await restarted.wait()
             return state.endpoint != endpoint
 
-        async def post(message: types.JSONRPCMessage) -> None:
+        async def post(message: Message) -> None:
             """POST one message. When its outcome is unknown (the connection dropped mid-request:
             it may have arrived), a message with an id is sent again, up to ``max_reconnects``
             times: the server accepts a request id once per session, so nothing runs twice."""
@@ -284,12 +289,12 @@ async def resumable_sse_client(
                     response.raise_for_status()
                     state.fresh = False
                     return
-                except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.HTTPStatusError) as exc:
+                except (httpx.ConnectError, httpx.ConnectTimeout, httpx.HTTPStatusError) as exc:
                     if not unknown:
                         return await refuse(message, exc)
-                    if isinstance(exc, httpx2.HTTPStatusError):  # the server's own answer: settled
+                    if isinstance(exc, httpx.HTTPStatusError):  # the server's own answer: settled
                         return
-                except httpx2.HTTPError as exc:
+                except httpx.HTTPError as exc:
                     again = "; sending it again" if resend else ""
                     logger.warning("POST outcome unknown (%s)%s", type(exc).__name__, again)
                     if not resend:
@@ -302,7 +307,7 @@ async def resumable_sse_client(
         in_flight: dict[types.RequestId, _InFlight] = {}
         """Requests whose POST has not settled, by id."""
 
-        async def post_in_slot(message: types.JSONRPCMessage) -> None:
+        async def post_in_slot(message: Message) -> None:
             """POST ``message`` in the slot the writer took for it; a request's POST can be stopped
             by a cancel for it until it settles."""
             record = in_flight.get(message.id) if isinstance(message, types.JSONRPCRequest) else None
@@ -333,9 +338,9 @@ async def resumable_sse_client(
             after the other, every other one in a task of its own once a slot is free (a cancel
             needs none). Each task runs in its sender's context (tracing), as the SDK's own does."""
             async with write_reader, anyio.create_task_group() as posts:
-                async for session_message in write_reader:
-                    message = session_message.message
-                    context = write_reader.last_context or contextvars.copy_context()
+                async for item in write_reader:
+                    message = message_of(item)
+                    context = sender_context(write_reader) or contextvars.copy_context()
                     method = getattr(message, "method", None)
                     if isinstance(message, types.JSONRPCRequest):
                         state.pending.add(message.id)
@@ -365,6 +370,6 @@ async def resumable_sse_client(
             raise
 
 
-async def _deliver(read_writer: ContextSendStream[SessionMessage | Exception], message: types.JSONRPCMessage) -> None:
+async def _deliver(read_writer: ContextSendStream[SessionMessage | Exception], message: Message) -> None:
     with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-        await read_writer.send(SessionMessage(message))
+        await read_writer.send(session_message(message))

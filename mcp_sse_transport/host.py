@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from ._sdk import (
     ContextReceiveStream,
+    Message,
     ReadStream,
     Server,
     ServerMessageMetadata,
@@ -24,6 +25,7 @@ from ._sdk import (
     parse,
     restored_handshake,
     server_streams,
+    session_message,
     types,
 )
 from .backplane import Backplane
@@ -227,7 +229,7 @@ class SessionHost:
     async def deliver_message(
         self,
         session: Session,
-        message: types.JSONRPCMessage,
+        message: Message,
         body: bytes,
         request: Request,
         delivery: Delivery | None = None,
@@ -255,14 +257,14 @@ class SessionHost:
                 # Shielded: a send cancelled once the server took the message cannot tell it did.
                 meta = _metadata(request, ledger.on_unanswered(session, message), delivery)
                 with anyio.CancelScope(shield=True):
-                    await session.inbound.send(SessionMessage(message, metadata=meta))
+                    await session.inbound.send(session_message(message, metadata=meta))
             except CLOSED:  # it ended here: for good, or it lives on elsewhere
                 return NOT_HERE
             admission.delivered()
             await ledger.after_delivery(session, message)
         return ACCEPTED
 
-    async def _prepare(self, session: Session, message: types.JSONRPCMessage) -> None:
+    async def _prepare(self, session: Session, message: Message) -> None:
         """Before a session's first message reaches its server: replay the handshake of a
         client that reconnected initialized but could not resume, unless the client opens with
         ``initialize`` itself (then the handshake is the client's own, exactly as sent).
@@ -290,8 +292,8 @@ class SessionHost:
             )
             session.swallow = initialize.id  # the client initialized long ago: it expects no answer
             try:
-                await session.inbound.send(SessionMessage(initialize))
-                await session.inbound.send(SessionMessage(initialized))
+                await session.inbound.send(session_message(initialize))
+                await session.inbound.send(session_message(initialized))
             except BaseException:
                 session.restore = restore  # not replayed (the session ended, or this POST was cancelled)
                 raise

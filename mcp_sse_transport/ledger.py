@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
-from ._sdk import types
+from ._sdk import Message, types
 from .session import SeenIds, Session, Stream
 
 __all__ = ["Admission", "MemoryRequestLedger", "RequestLedger"]
@@ -32,9 +32,7 @@ class Admission(Protocol):
 
 
 class RequestLedger(Protocol):
-    def admit(
-        self, session: Session, message: types.JSONRPCMessage, body: bytes
-    ) -> AbstractAsyncContextManager[Admission]:
+    def admit(self, session: Session, message: Message, body: bytes) -> AbstractAsyncContextManager[Admission]:
         """An attempt to deliver ``message`` (``body`` as POSTed): recorded by the caller, then
         either delivered or not when the context ends (an undelivered record is undone)."""
         ...
@@ -49,11 +47,11 @@ class RequestLedger(Protocol):
         """The server sent its answer to ``request_id`` into ``stream``, one of the session's."""
         ...
 
-    def on_unanswered(self, session: Session, message: types.JSONRPCMessage) -> Callable[[], Awaitable[None]] | None:
+    def on_unanswered(self, session: Session, message: Message) -> Callable[[], Awaitable[None]] | None:
         """What runs if a delivered request settles without an answer (it was cancelled)."""
         ...
 
-    async def after_delivery(self, session: Session, message: types.JSONRPCMessage) -> None:
+    async def after_delivery(self, session: Session, message: Message) -> None:
         """The server has ``message`` (a ``notifications/cancelled``: its request gets no answer)."""
         ...
 
@@ -61,7 +59,7 @@ class RequestLedger(Protocol):
 class _Recorded:
     __slots__ = ("_message", "_session", "done", "recorded")
 
-    def __init__(self, session: Session, message: types.JSONRPCMessage) -> None:
+    def __init__(self, session: Session, message: Message) -> None:
         self._session = session
         self._message = message
         self.recorded = False
@@ -90,7 +88,7 @@ class MemoryRequestLedger:
     """One worker's ledger: the last ids each session accepted, kept with the session."""
 
     @asynccontextmanager
-    async def admit(self, session: Session, message: types.JSONRPCMessage, body: bytes) -> AsyncIterator[Admission]:
+    async def admit(self, session: Session, message: Message, body: bytes) -> AsyncIterator[Admission]:
         admission = _Recorded(session, message)
         try:
             yield admission
@@ -105,8 +103,8 @@ class MemoryRequestLedger:
     async def answered(self, session: Session, stream: Stream, request_id: types.RequestId) -> None:
         pass  # unanswered requests matter to a takeover only
 
-    def on_unanswered(self, session: Session, message: types.JSONRPCMessage) -> Callable[[], Awaitable[None]] | None:
+    def on_unanswered(self, session: Session, message: Message) -> Callable[[], Awaitable[None]] | None:
         return None
 
-    async def after_delivery(self, session: Session, message: types.JSONRPCMessage) -> None:
+    async def after_delivery(self, session: Session, message: Message) -> None:
         pass

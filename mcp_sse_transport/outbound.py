@@ -13,7 +13,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from ._sdk import SessionMessage, ValidationError, answered_id, dump, jsonrpc_error, serialize, types
+from ._sdk import (
+    Message,
+    SessionMessage,
+    ValidationError,
+    answered_id,
+    dump,
+    jsonrpc_error,
+    message_of,
+    serialize,
+    session_message,
+    types,
+)
 from .errors import ErrorCode, EventTooLargeError
 from .events import error_body
 from .session import Session, Stream
@@ -48,7 +59,7 @@ class ServerWriteStream:
         self._ledger = ledger
 
     async def send(self, item: SessionMessage, /) -> None:
-        message = item.message
+        message = message_of(item)
         self._session.exchanged = True
         answered = answered_id(message)
         if answered is not None and answered == self._session.swallow:
@@ -72,7 +83,7 @@ class ServerWriteStream:
         if answered is not None:
             await self._ledger.answered(self._session, stream, answered)
 
-    async def _report(self, stream: Stream, message: types.JSONRPCMessage, why: _Unsendable) -> None:
+    async def _report(self, stream: Stream, message: Message, why: _Unsendable) -> None:
         await _report_unsendable(self._session, stream, self._task_group, message, why)
 
     async def aclose(self) -> None:
@@ -91,7 +102,7 @@ async def _answer_locally(session: Session, answer: types.JSONRPCError) -> None:
     """Hand the server an answer to its own request, from a task of its own: the server may be
     reading in the very task that wrote the request. Dropped if it stops reading."""
     with anyio.move_on_after(session.handler.config.grant_timeout), suppress(*CLOSED):
-        await session.inbound.send(SessionMessage(answer))
+        await session.inbound.send(session_message(answer))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +128,7 @@ async def _report_unsendable(
     session: Session,
     handler: Stream,
     task_group: anyio.abc.TaskGroup,
-    message: types.JSONRPCMessage,
+    message: Message,
     why: _Unsendable,
 ) -> None:
     """Tell the client which message was lost, on the stream it was for, and answer whoever
@@ -156,7 +167,7 @@ def id_too_long_error(limit: int) -> str:
     return error_body(ErrorCode.INVALID_REQUEST, "Request id too long", {"max_request_id_bytes": limit})
 
 
-def id_too_long(message: types.JSONRPCMessage, limit: int) -> bool:
+def id_too_long(message: Message, limit: int) -> bool:
     """Whether ``message`` is a request whose id, as JSON, is longer than ``limit`` bytes."""
     return isinstance(message, types.JSONRPCRequest) and len(json.dumps(message.id)) > limit
 

@@ -20,7 +20,7 @@ from uuid import uuid4
 import anyio
 import anyio.lowlevel
 
-from ._sdk import SessionMessage, answered_id, dump, jsonrpc_error, related_request_id, types
+from ._sdk import SessionMessage, answered_id, dump, jsonrpc_error, message_of, related_request_id, types
 from .config import SseConfig
 from .errors import ErrorCode, StoreError
 from .events import encode_event
@@ -126,7 +126,7 @@ class SessionStreams:
     # -- routing -----------------------------------------------------------------------------
 
     def stream_for(self, item: SessionMessage) -> Stream:
-        answered = answered_id(item.message)
+        answered = answered_id(message_of(item))
         target = answered if answered is not None else related_request_id(item)
         if target is None:
             # Neither an answer nor a request's own: the standalone stream (one that broke
@@ -135,6 +135,8 @@ class SessionStreams:
         if self.ending and answered is not None:
             return self._nowhere
         entry = self._requests.get(_key(target))
+        if entry is None and answered is None and isinstance(target, str):
+            entry = self._named(target)
         if entry is None:  # answered already, or never ours
             return self._nowhere
         if isinstance(entry.stream, JsonReply) and answered is None:
@@ -142,6 +144,11 @@ class SessionStreams:
         # A stream that broke before the answer raises its error (SlowConsumerError, say) to
         # whoever still writes for the request: the producer learns the client is gone.
         return entry.stream
+
+    def _named(self, related: str) -> _Request | None:
+        """The request a server names by its id as a string: mcp 1.x's ``FastMCP`` relates its
+        progress and logs to ``str(request_id)``, and its transport keys streams so."""
+        return next((entry for entry in self._requests.values() if str(entry.request_id) == related), None)
 
     def answered(self, request_id: types.RequestId, stream: Stream) -> None:
         entry = self._requests.get(_key(request_id))

@@ -28,6 +28,7 @@ from uuid import uuid4
 
 from ._sdk import (
     MCPServer,
+    Message,
     PerSessionStoreManager,
     SdkEventMessage,
     SdkEventStore,
@@ -36,7 +37,6 @@ from ._sdk import (
     lowlevel_server,
     parse,
     serialize,
-    types,
 )
 from .errors import StoreError
 from .ids import format_event_id, new_secret, parse_event_id, secret_matches, session_tag
@@ -103,7 +103,7 @@ class SessionScopedEventStore(SdkEventStore):
     def closed(self) -> bool:
         return self._closed
 
-    async def store_event(self, stream_id: str, message: types.JSONRPCMessage | None) -> str:
+    async def store_event(self, stream_id: str, message: Message | None) -> str:
         if self._closed:  # the session is over: an id that resumes nothing
             return format_event_id(uuid4().hex, "0", new_secret())
         data = _PRIMING if message is None else serialize(message)

@@ -22,9 +22,11 @@ from ._sdk import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     DEFAULT_MAX_SESSIONS,
     DEFAULT_SESSION_IDLE_TIMEOUT,
-    MCPServer,
+    Served,
     Server,
     TransportSecuritySettings,
+    app_lifespan,
+    app_state,
     lowlevel_server,
     server_wiring,
 )
@@ -72,7 +74,7 @@ class _SseEndpoint:
 
 
 def sse_app(
-    server: MCPServer[Any] | Server[Any],
+    server: Served,
     *,
     sse_path: str = "/sse",
     message_path: str = "/messages/",
@@ -101,17 +103,26 @@ def sse_app(
     )
     sse_endpoint: ASGIApp = _SseEndpoint(transport, lowlevel)
     post_endpoint: ASGIApp = transport.handle_post_message
-    sse_endpoint, post_endpoint, routes, middleware = server_wiring(server, sse_endpoint, post_endpoint)
+    sse_endpoint, post_endpoint, routes, middleware = server_wiring(
+        server, sse_endpoint, post_endpoint, sse_path, message_path
+    )
     routes[:0] = [Route(sse_path, endpoint=sse_endpoint, methods=["GET"]), Mount(message_path, app=post_endpoint)]
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async with transport:  # joins the Redis cluster with redis_url; shuts down on exit
+        # the framework's lifespan outside: the transport's shutdown drains sessions that use it
+        async with app_lifespan(server), transport:  # joins the Redis cluster with redis_url
             yield
 
     app = Starlette(debug=debug, routes=routes, middleware=middleware, lifespan=lifespan)
+    _set_state(app, server, "sse")
     app.state.sse_transport = transport
     return app
+
+
+def _set_state(app: Starlette, server: Served, transport: str) -> None:
+    for name, value in app_state(server, transport).items():
+        setattr(app.state, name, value)
 
 
 class _StreamableEndpoint:
@@ -126,7 +137,7 @@ class _StreamableEndpoint:
 
 
 def streamable_http_app(
-    server: MCPServer[Any] | Server[Any],
+    server: Served,
     *,
     streamable_http_path: str = "/mcp",
     config: SseConfig | None = None,
@@ -158,20 +169,23 @@ def streamable_http_app(
         config=config,
     )
     endpoint: ASGIApp = _StreamableEndpoint(manager)
-    endpoint, _, routes, middleware = server_wiring(server, endpoint, endpoint)
+    endpoint, _, routes, middleware = server_wiring(
+        server, endpoint, endpoint, streamable_http_path, f"{streamable_http_path.rstrip('/')}/_messages/"
+    )
     routes[:0] = [Route(streamable_http_path, endpoint=endpoint)]
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async with manager.run():
+        async with app_lifespan(server), manager.run():
             yield
 
     app = Starlette(debug=debug, routes=routes, middleware=middleware, lifespan=lifespan)
+    _set_state(app, server, "streamable-http")
     app.state.session_manager = manager
     return app
 
 
-def _app(server: MCPServer[Any] | Server[Any], transport: Transport, config: SseConfig | None, host: str) -> Starlette:
+def _app(server: Served, transport: Transport, config: SseConfig | None, host: str) -> Starlette:
     """The app :func:`run` serves: one transport's, or both from one app (the SSE app's routes,
     then the Streamable HTTP endpoint; both lifespans)."""
     if transport == "sse":
@@ -185,11 +199,12 @@ def _app(server: MCPServer[Any] | Server[Any], transport: Transport, config: Sse
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async with sse_transport, manager.run():
+        async with app_lifespan(server), sse_transport, manager.run():
             yield
 
     routes = [*legacy.routes[:2], streamable.routes[0], *legacy.routes[2:]]
     app = Starlette(routes=routes, middleware=legacy.user_middleware, lifespan=lifespan)
+    _set_state(app, server, "sse")  # fastmcp reads one transport name per app
     app.state.sse_transport = sse_transport
     app.state.session_manager = manager
     return app
@@ -285,7 +300,7 @@ class _Server(uvicorn.Server):
 
 
 def uvicorn_server(
-    target: MCPServer[Any] | Server[Any] | Starlette,
+    target: Served | Starlette,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -311,7 +326,7 @@ def uvicorn_server(
 
 
 def run(
-    target: MCPServer[Any] | Server[Any] | Starlette,
+    target: Served | Starlette,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,

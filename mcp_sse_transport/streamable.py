@@ -35,10 +35,10 @@ from ._sdk import (
     DEFAULT_SESSION_IDLE_TIMEOUT,
     MCP_PROTOCOL_VERSION_HEADER,
     MCP_SESSION_ID_HEADER,
+    Message,
     RequestBodyLimitMiddleware,
     SdkEventStore,
     Server,
-    StockSessionManager,
     TransportSecurityMiddleware,
     TransportSecuritySettings,
     ValidationError,
@@ -48,6 +48,7 @@ from ._sdk import (
     lifespan,
     owner_fingerprint,
     parse,
+    stock_manager,
     types,
 )
 from .backplane import LocalBackplane
@@ -132,7 +133,7 @@ class StreamableHTTPSessionManager:
         self._store = store
         self._security = TransportSecurityMiddleware(security_settings)
         # What has no session to hold: the SDK's own code, its streams bounded.
-        self._stock = StockSessionManager(
+        self._stock = stock_manager(
             app,
             json_response=json_response,
             stateless=stateless,
@@ -303,7 +304,7 @@ class StreamableHTTPSessionManager:
 
     async def _read_post(
         self, request: Request, scope: Scope, receive: Receive, send: Send, session_id: str | None
-    ) -> tuple[types.JSONRPCMessage, bytes] | None:
+    ) -> tuple[Message, bytes] | None:
         """The POSTed message, or ``None`` once the POST was refused (406, 415, 400)."""
         has_json, has_sse = accepts(request)
         if self.json_response and not has_json:

@@ -31,8 +31,10 @@ from ._sdk import (
     jsonrpc_error,
     primes_streams,
     serve_session,
+    session_message,
     types,
 )
+from ._sdk import Message as JsonRpcMessage
 from .errors import ErrorCode, StoreError
 from .events import encode_error, encode_event
 from .handler import SessionHandler
@@ -237,7 +239,7 @@ class HostedSession:
 
     # -- POST --------------------------------------------------------------------------------------
 
-    async def post(self, message: types.JSONRPCMessage, body: bytes, request: Request, responder: Responder) -> None:
+    async def post(self, message: JsonRpcMessage, body: bytes, request: Request, responder: Responder) -> None:
         """Hand a POSTed message to the server: a request's answer is this POST's response (an
         event stream, or JSON), anything else gets 202 once the server has it."""
         if not isinstance(message, types.JSONRPCRequest):
@@ -322,7 +324,7 @@ class HostedSession:
         assert self._write_stream is not None
         error = jsonrpc_error(request_id, "Request cancelled", REQUEST_CANCELLED)
         with suppress(*CLOSED):
-            await self._write_stream.send(SessionMessage(error))
+            await self._write_stream.send(session_message(error))
 
     async def _release_standalone(self) -> None:
         await self.streams.standalone.release()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-import httpx2
 
+from ._sdk_compat import httpx as httpx2
 from ._support import free_socket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,41 +69,43 @@ async def _processes(
     until its ``processes`` uvicorn workers serve; each is stopped with SIGTERM afterwards,
     unless a test killed it."""
     started: list[Worker] = []
-    async with anyio.create_task_group() as tg:
-        try:
-            for command, env in commands:
-                sock = free_socket()
-                port = sock.getsockname()[1]
-                sock.close()  # the child binds it; uvicorn sets SO_REUSEADDR
-                argv = [part.replace("{port}", str(port)) for part in command]
-                environment = {**os.environ, **env} if env else None
-                process = await anyio.open_process(
-                    argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment
-                )
-                worker = Worker(port, process)
-                started.append(worker)
-                ready = anyio.Event()
-                tg.start_soon(_read_log, worker, ready, processes)
-                await ready.wait()
-                if process.returncode is not None or worker.log.count(READY) < processes:
-                    raise RuntimeError(f"worker did not start:\n{worker.log.decode(errors='replace')}")
-            yield started
-        finally:
-            with anyio.CancelScope(shield=True):
-                for worker in started:
-                    if worker.process.returncode is None:
-                        worker.process.terminate()
-                with anyio.move_on_after(15):
+    try:
+        async with anyio.create_task_group() as tg:
+            try:
+                for command, env in commands:
+                    sock = free_socket()
+                    port = sock.getsockname()[1]
+                    sock.close()  # the child binds it; uvicorn sets SO_REUSEADDR
+                    argv = [part.replace("{port}", str(port)) for part in command]
+                    environment = {**os.environ, **env} if env else None
+                    process = await anyio.open_process(
+                        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment
+                    )
+                    worker = Worker(port, process)
+                    started.append(worker)
+                    ready = anyio.Event()
+                    tg.start_soon(_read_log, worker, ready, processes)
+                    await ready.wait()
+                    if process.returncode is not None or worker.log.count(READY) < processes:
+                        raise RuntimeError(f"worker did not start:\n{worker.log.decode(errors='replace')}")
+                yield started
+            finally:
+                with anyio.CancelScope(shield=True):
                     for worker in started:
-                        await worker.process.wait()
-                for worker in started:
-                    if worker.process.returncode is None:
-                        worker.process.kill()
-                        await worker.process.wait()
-            tg.cancel_scope.cancel()
-    with anyio.CancelScope(shield=True):
-        for worker in started:  # close the pipes and the transport now, not at garbage collection
-            await worker.process.aclose()
+                        if worker.process.returncode is None:
+                            worker.process.terminate()
+                    with anyio.move_on_after(15):
+                        for worker in started:
+                            await worker.process.wait()
+                    for worker in started:
+                        if worker.process.returncode is None:
+                            worker.process.kill()
+                            await worker.process.wait()
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for worker in started:  # close the pipes and the transport now, not at garbage collection
+                await worker.process.aclose()
 
 
 @asynccontextmanager

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import httpx2
-
 from mcp_sse_transport import SseConfig
+
+from ._sdk_compat import ServerSentEvent, httpx, sse_events
 
 NEVER = 60.0
 """Longer than any bounded test runs: a timer set to it never fires."""
@@ -22,12 +22,12 @@ def quiet_config(**overrides: object) -> SseConfig:
     return SseConfig(**values)  # type: ignore[arg-type]
 
 
-def parse(data: bytes) -> list[httpx2.ServerSentEvent]:
-    """Events as the SDK's client parser (httpx2's) reads them."""
-    response = httpx2.Response(
+def parse(data: bytes) -> list[ServerSentEvent]:
+    """Events as the SDK's client parser (httpx2's; httpx-sse's on mcp 1.x) reads them."""
+    response = httpx.Response(
         200,
         headers={"content-type": "text/event-stream"},
         content=data,
-        request=httpx2.Request("GET", "http://testserver/sse"),
+        request=httpx.Request("GET", "http://testserver/sse"),
     )
-    return list(httpx2.EventSource(response))
+    return sse_events(response)

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
-import httpx2
 
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream
 
 PROTOCOL = "2025-11-25"

@@ -36,7 +36,7 @@ async def serving(app: ASGIApp, log_level: str = "warning") -> AsyncIterator[str
     """Run ``app`` on a real uvicorn (the library's own server setup); yields its base URL."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    server = uvicorn_server(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="on")  # type: ignore[arg-type]
+    server = uvicorn_server(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="on")
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: server.serve(sockets=[sock]))
         try:

@@ -10,9 +10,9 @@ import anyio
 import pytest
 from playwright.async_api import async_playwright
 
-from examples.server import mcp as example_server
 from mcp_sse_transport import SseConfig, sse_app
 
+from ._sdk_compat import example_server
 from ._support import CuttingProxy, serving
 
 pytestmark = pytest.mark.anyio

@@ -12,11 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import mcp_types as types
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from mcp.client.client import Client
-from mcp.server import Server, ServerRequestContext
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,6 +25,7 @@ from mcp_sse_transport import SseConfig, SseServerTransport, sse_app
 from mcp_sse_transport._asgi import ABORT_EXTENSION
 from mcp_sse_transport.client import resumable_sse_client
 
+from ._sdk_compat import Client, Server, ServerRequestContext, needs_mcp2, types
 from ._support import CuttingProxy, serving
 
 pytestmark = pytest.mark.anyio
@@ -266,6 +264,7 @@ def _app(tools: _Tools, gate: _Gate) -> Starlette:
     return app
 
 
+@needs_mcp2("client session that sends notifications/cancelled when a caller gives up on a call")
 async def test_a_cancel_goes_out_while_another_requests_post_is_being_retried() -> None:
     tools, gate = _Tools(), _Gate()
     with anyio.fail_after(30):
@@ -309,6 +308,7 @@ async def test_a_cancel_goes_out_while_another_requests_post_is_being_retried() 
             assert len(set(gate.stuck_ids)) == 1, "always the same request id"
 
 
+@needs_mcp2("client session that sends notifications/cancelled when a caller gives up on a call")
 async def test_a_cancel_stops_its_own_requests_retries_then_goes_out() -> None:
     tools, gate = _Tools(), _Gate()
     with anyio.fail_after(30):

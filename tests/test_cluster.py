@@ -10,18 +10,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
-import httpx2
-import mcp_types as types
 import pytest
-from mcp.client.client import Client
-from mcp.client.sse import sse_client
-from mcp.shared.exceptions import MCPError
 
 from mcp_sse_transport import ErrorCode
 from mcp_sse_transport.client import resumable_sse_client
 
 from ._cluster import Worker, one_request_per_connection, uvicorn_cli, workers
 from ._redis import RedisProcess
+from ._sdk_compat import Client, MCPError, sse_client, types
+from ._sdk_compat import httpx as httpx2
 from ._support import CuttingProxy, RawSseStream, SseEvent
 from .test_resume import start_session
 

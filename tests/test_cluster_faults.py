@@ -12,7 +12,6 @@ from typing import Any
 from uuid import uuid4
 
 import anyio
-import httpx2
 import pytest
 from redis.asyncio import Redis
 from starlette.types import Message
@@ -23,6 +22,7 @@ from mcp_sse_transport.cluster.resume import Resumes
 
 from ._cluster import Worker, _options, _processes
 from ._redis import RedisProcess
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, SseEvent, serving
 from .test_resume import call_stream, open_session, start_session
 from .test_scaleout import worker_app

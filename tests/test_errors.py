@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from mcp_types import jsonrpc
 
 from mcp_sse_transport import errors
 from mcp_sse_transport.errors import (
@@ -19,6 +18,8 @@ from mcp_sse_transport.errors import (
     StoreError,
     StoreUnavailableError,
 )
+
+from ._sdk_compat import jsonrpc
 
 SDK_CODES = {-32000, -32001, -32002, -32042} | {
     value for name, value in vars(jsonrpc).items() if name.isupper() and isinstance(value, int)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
 from redis.asyncio import Redis
 
@@ -25,6 +24,7 @@ from mcp_sse_transport.cluster.messages import Claim
 
 from ._cluster import workers
 from ._redis_proxy import Command, RedisProxy
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, SseEvent, serving
 from .test_relay import WatchedLinks
 from .test_resume import hang_entered, open_session, start_session, streaming_server

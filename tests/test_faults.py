@@ -6,16 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import httpx2
-import mcp_types as types
 import pytest
-from mcp.client.client import Client
-from mcp.server import Server, ServerRequestContext
-from mcp.shared.exceptions import MCPError
 
 from mcp_sse_transport import ErrorCode, SseConfig, sse_app
 from mcp_sse_transport.client import resumable_sse_client
 
+from ._sdk_compat import Client, MCPError, Server, ServerRequestContext, types
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, serving
 from .test_integration import OPEN, initialize
 from .test_resume import call_stream

@@ -16,7 +16,6 @@ from functools import partial
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
 from redis.asyncio import Redis
 
@@ -28,6 +27,7 @@ from mcp_sse_transport.redis_store import RedisEventStore
 from ._cluster import Worker, workers
 from ._handlers import quiet_config
 from ._redis import lease_runs_out
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, SseEvent
 from .test_handler import RecordingSink, start
 from .test_resume import start_session

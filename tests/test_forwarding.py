@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -31,6 +30,7 @@ from mcp_sse_transport.cluster.forwarding import Forwarding, _forwarded, _forwar
 from mcp_sse_transport.cluster.messages import Post, decode, encode
 from mcp_sse_transport.session import NOT_FOUND
 
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, serving
 from .test_resume import _UserFromHeader, call_stream, open_session
 from .test_scaleout import worker_app

@@ -14,12 +14,17 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import mcp_types as types
 import pytest
 from starlette.requests import Request
 
 from mcp_sse_transport import ErrorCode, InMemoryEventStore, SseConfig, _sdk
-from mcp_sse_transport._sdk import RESTORED_REQUEST_ID, ContextReceiveStream, ServerMessageMetadata, SessionMessage
+from mcp_sse_transport._sdk import (
+    RESTORED_REQUEST_ID,
+    ContextReceiveStream,
+    ServerMessageMetadata,
+    SessionMessage,
+    session_message,
+)
 from mcp_sse_transport.backplane import LocalBackplane
 from mcp_sse_transport.errors import StoreError
 from mcp_sse_transport.host import SessionHost
@@ -27,6 +32,7 @@ from mcp_sse_transport.ledger import MemoryRequestLedger
 from mcp_sse_transport.session import ACCEPTED, NOT_HERE, REPEATED, Delivery, Restore, Session, SessionsFull
 
 from ._handlers import parse, quiet_config
+from ._sdk_compat import needs_mcp2, types
 from .test_handler import RecordingSink, Runner, start
 from .test_integration import lowlevel_server
 
@@ -93,7 +99,7 @@ class ServerSide:
 
     @property
     def messages(self) -> list[types.JSONRPCMessage]:
-        return [item.message for item in self.items if isinstance(item, SessionMessage)]
+        return [_sdk.message_of(item) for item in self.items if isinstance(item, SessionMessage)]
 
 
 def events_of(sink: RecordingSink) -> list[tuple[str, Any]]:
@@ -202,7 +208,7 @@ async def test_discard_leaves_the_registry_and_closes_the_servers_inbound_end() 
             host.discard(session)
             await server.wait_for(lambda: server.ended)
         with pytest.raises(anyio.ClosedResourceError):
-            await session.inbound.send(SessionMessage(types.JSONRPCNotification(jsonrpc="2.0", method="x")))
+            await session.inbound.send(session_message(types.JSONRPCNotification(jsonrpc="2.0", method="x")))
     assert SESSION not in host.sessions and host.statistics().open_sessions == 0
     assert server.items == [], "the server saw its read stream end, nothing else"
 
@@ -234,8 +240,9 @@ async def test_a_valid_request_is_accepted_and_reaches_the_server_with_its_reque
             tg.cancel_scope.cancel()
     (item,) = server.items
     assert isinstance(item, SessionMessage)
-    assert isinstance(item.message, types.JSONRPCRequest)
-    assert (item.message.id, item.message.method) == (7, "ping")
+    message = _sdk.message_of(item)
+    assert isinstance(message, types.JSONRPCRequest)
+    assert (message.id, message.method) == (7, "ping")
     assert item.metadata is not None
     assert getattr(item.metadata, "request_context", None) is request
     assert session.exchanged, "a POST reached it: no probe"
@@ -561,6 +568,7 @@ async def delivered_metadata(
     return item.metadata
 
 
+@needs_mcp2("on_request_unanswered nor can_send_request on ServerMessageMetadata (1.x answers every request itself)")
 async def test_deliver_message_runs_the_ledgers_unanswered_hook_then_the_front_ends() -> None:
     ran: list[str] = []
     request = post_request()
@@ -583,6 +591,7 @@ async def test_deliver_message_runs_the_ledgers_unanswered_hook_then_the_front_e
     assert ran == ["ledger 3", "front end"]
 
 
+@needs_mcp2("on_request_unanswered nor can_send_request on ServerMessageMetadata (1.x answers every request itself)")
 async def test_deliver_message_without_a_ledger_hook_runs_the_front_ends_alone() -> None:
     ran: list[str] = []
     host, _ = new_host()  # the in-memory ledger has no hook
@@ -595,6 +604,7 @@ async def test_deliver_message_without_a_ledger_hook_runs_the_front_ends_alone()
     assert (meta.close_sse_stream, meta.close_standalone_sse_stream) == (None, None)
 
 
+@needs_mcp2("on_request_unanswered nor can_send_request on ServerMessageMetadata (1.x answers every request itself)")
 async def test_deliver_message_with_no_hook_on_either_side_sets_none() -> None:
     host, _ = new_host()
     with anyio.fail_after(5):
@@ -602,6 +612,7 @@ async def test_deliver_message_with_no_hook_on_either_side_sets_none() -> None:
     assert meta.on_request_unanswered is None
 
 
+@needs_mcp2("on_request_unanswered nor can_send_request on ServerMessageMetadata (1.x answers every request itself)")
 async def test_deliver_message_without_a_delivery_runs_the_ledgers_hook_only() -> None:
     ran: list[str] = []
     with anyio.fail_after(5):

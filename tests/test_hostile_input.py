@@ -9,13 +9,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 import anyio
-import httpx2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mcp_sse_transport import ErrorCode, SseConfig, sse_app
 
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, serving
 from .test_integration import OPEN, initialize, lowlevel_server
 

@@ -13,11 +13,10 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx2
 import pytest
 
 from mcp_sse_transport import _sdk
-from mcp_sse_transport._sdk import ContextReceiveStream, SessionMessage, ValidationError, types
+from mcp_sse_transport._sdk import ContextReceiveStream, SessionMessage, ValidationError, session_message, types
 from mcp_sse_transport.errors import ErrorCode, SessionClosedError
 from mcp_sse_transport.handler import SessionHandler
 from mcp_sse_transport.ledger import MemoryRequestLedger
@@ -25,6 +24,7 @@ from mcp_sse_transport.outbound import ServerWriteStream, id_too_long_error, rep
 from mcp_sse_transport.session import OneStream, Session, Stream
 
 from ._handlers import parse, quiet_config
+from ._sdk_compat import httpx as httpx2
 from .test_handler import RecordingSink, start
 
 pytestmark = pytest.mark.anyio
@@ -104,7 +104,7 @@ def _request(request_id: types.RequestId = 5, **params: Any) -> types.JSONRPCReq
 async def test_send_writes_a_message_as_one_event() -> None:
     async with rig() as r:
         message = types.JSONRPCNotification(jsonrpc="2.0", method="notifications/progress", params={"progress": 1})
-        await r.writer().send(SessionMessage(message))
+        await r.writer().send(session_message(message))
         [event] = await events(r.sink, 1)
         assert event.event == "message"
         assert _sdk.parse(event.data) == message
@@ -114,9 +114,9 @@ async def test_send_writes_a_message_as_one_event() -> None:
 
 async def test_send_notes_a_response_in_the_ledger() -> None:
     async with rig() as r:
-        await r.writer().send(SessionMessage(types.JSONRPCResponse(jsonrpc="2.0", id=9, result={})))
-        await r.writer().send(SessionMessage(_sdk.jsonrpc_error("e", "no", -1)))
-        await r.writer().send(SessionMessage(_request(1)))
+        await r.writer().send(session_message(types.JSONRPCResponse(jsonrpc="2.0", id=9, result={})))
+        await r.writer().send(session_message(_sdk.jsonrpc_error("e", "no", -1)))
+        await r.writer().send(session_message(_request(1)))
         await events(r.sink, 3)
         assert r.ledger.answers == [(r.handler, 9), (r.handler, "e")], "responses and errors only"
 
@@ -128,7 +128,7 @@ async def test_send_goes_to_the_stream_the_routing_picks() -> None:
         other_runner = await start(r.tg, other, other_sink)
         r.session.routing = OneStream(other)
         response = types.JSONRPCResponse(jsonrpc="2.0", id=3, result={"content": []})
-        await r.writer().send(SessionMessage(response))
+        await r.writer().send(session_message(response))
         [event] = await events(other_sink, 1)
         assert _sdk.parse(event.data) == response
         assert event.id.startswith(f"{OTHER}.")
@@ -144,11 +144,11 @@ async def test_the_swallowed_response_is_dropped_once() -> None:
         restored, _ = _sdk.restored_handshake("2025-06-18")
         r.session.swallow = restored.id
         swallowed = types.JSONRPCResponse(jsonrpc="2.0", id=restored.id, result={"protocolVersion": "2025-06-18"})
-        await r.writer().send(SessionMessage(swallowed))
+        await r.writer().send(session_message(swallowed))
         assert r.session.swallow is None
         assert await settled_events(r.sink) == []
         assert r.ledger.answers == [], "the client never asked: nothing to strike off"
-        await r.writer().send(SessionMessage(swallowed))
+        await r.writer().send(session_message(swallowed))
         [event] = await events(r.sink, 1)
         assert _sdk.parse(event.data) == swallowed, "only once"
 
@@ -156,7 +156,7 @@ async def test_the_swallowed_response_is_dropped_once() -> None:
 async def test_a_response_to_another_id_keeps_the_swallow() -> None:
     async with rig() as r:
         r.session.swallow = "mcp-sse-transport/restore"
-        await r.writer().send(SessionMessage(types.JSONRPCResponse(jsonrpc="2.0", id=1, result={})))
+        await r.writer().send(session_message(types.JSONRPCResponse(jsonrpc="2.0", id=1, result={})))
         [event] = await events(r.sink, 1)
         assert _json(event)["id"] == 1
         assert r.session.swallow == "mcp-sse-transport/restore"
@@ -165,7 +165,7 @@ async def test_a_response_to_another_id_keeps_the_swallow() -> None:
 async def test_a_request_with_the_swallowed_id_is_not_swallowed() -> None:
     async with rig() as r:
         r.session.swallow = 5
-        await r.writer().send(SessionMessage(_request(5)))
+        await r.writer().send(session_message(_request(5)))
         [event] = await events(r.sink, 1)
         assert _json(event)["method"] == "sampling/createMessage"
         assert r.session.swallow == 5
@@ -180,7 +180,7 @@ async def test_send_into_an_ended_session_raises_closed() -> None:
         async with anyio.create_task_group() as tg:
             writer = ServerWriteStream(Session(handler, inbound, ""), tg, MemoryRequestLedger())
             with pytest.raises(SessionClosedError):
-                await writer.send(SessionMessage(_request(1)))
+                await writer.send(session_message(_request(1)))
     inbound.close()
     read_stream.close()
 
@@ -198,7 +198,7 @@ async def test_aclose_closes_the_sessions_first_stream() -> None:
 async def test_an_unserializable_response_gets_an_error_event_and_a_jsonrpc_error() -> None:
     async with rig() as r:
         response = types.JSONRPCResponse(jsonrpc="2.0", id=4, result={"x": object()})
-        await r.writer().send(SessionMessage(response))
+        await r.writer().send(session_message(response))
         error, answer = await events(r.sink, 2)
         assert error.event == "error"
         assert _json(error) == {
@@ -219,7 +219,7 @@ async def test_a_response_over_max_event_bytes_gets_message_too_large() -> None:
     async with rig(max_event_bytes=256) as r:
         response = types.JSONRPCResponse(jsonrpc="2.0", id="big", result={"text": "x" * 1000})
         size = len(_sdk.serialize(response))
-        await r.writer().send(SessionMessage(response))
+        await r.writer().send(session_message(response))
         error, answer = await events(r.sink, 2)
         assert error.event == "error"
         assert _json(error) == {
@@ -232,7 +232,7 @@ async def test_a_response_over_max_event_bytes_gets_message_too_large() -> None:
         assert (parsed.id, parsed.error.code) == ("big", ErrorCode.MESSAGE_TOO_LARGE)
         assert parsed.error.message == "Response is too large"
         assert not r.handler.ended, "the session goes on"
-        await r.writer().send(SessionMessage(types.JSONRPCResponse(jsonrpc="2.0", id="small", result={})))
+        await r.writer().send(session_message(types.JSONRPCResponse(jsonrpc="2.0", id="small", result={})))
         assert _json((await events(r.sink, 3))[2])["id"] == "small"
 
 
@@ -241,7 +241,7 @@ async def test_an_unserializable_error_is_sent_without_its_data() -> None:
         error = types.JSONRPCError(
             jsonrpc="2.0", id=6, error=types.ErrorData(code=-32000, message="tool failed", data={"x": object()})
         )
-        await r.writer().send(SessionMessage(error))
+        await r.writer().send(session_message(error))
         report, answer = await events(r.sink, 2)
         assert report.event == "error"
         assert _json(report)["code"] == ErrorCode.INTERNAL_ERROR
@@ -251,7 +251,7 @@ async def test_an_unserializable_error_is_sent_without_its_data() -> None:
 async def test_an_unsendable_notification_gets_an_error_event_naming_its_method() -> None:
     async with rig(max_event_bytes=256) as r:
         message = types.JSONRPCNotification(jsonrpc="2.0", method="notifications/message", params={"x": "y" * 500})
-        await r.writer().send(SessionMessage(message))
+        await r.writer().send(session_message(message))
         [error] = await events(r.sink, 1)
         assert error.event == "error"
         body = _json(error)
@@ -272,7 +272,7 @@ async def test_an_unsendable_request_is_answered_to_the_server(
     overrides: dict[str, object], params: dict[str, Any], code: ErrorCode
 ) -> None:
     async with rig(**overrides) as r:
-        await r.writer().send(SessionMessage(_request(8, **params)))
+        await r.writer().send(session_message(_request(8, **params)))
         [error] = await events(r.sink, 1)
         assert error.event == "error"
         body = _json(error)
@@ -280,7 +280,7 @@ async def test_an_unsendable_request_is_answered_to_the_server(
         assert (body["data"]["id"], body["data"]["method"]) == (8, "sampling/createMessage")
         item = await r.read_stream.receive()
         assert isinstance(item, SessionMessage)
-        answer = item.message
+        answer = _sdk.message_of(item)
         assert isinstance(answer, types.JSONRPCError)
         assert (answer.id, answer.error.code) == (8, code)
         assert answer.error.message.startswith("Request ")
@@ -299,9 +299,9 @@ async def test_reports_into_an_ended_session_do_not_raise() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             writer = ServerWriteStream(session, tg, MemoryRequestLedger())
-            await writer.send(SessionMessage(types.JSONRPCResponse(jsonrpc="2.0", id=1, result={"x": object()})))
-            await writer.send(SessionMessage(types.JSONRPCResponse(jsonrpc="2.0", id=2, result={"x": "y" * 500})))
-            await writer.send(SessionMessage(_request(3, x=object())))
+            await writer.send(session_message(types.JSONRPCResponse(jsonrpc="2.0", id=1, result={"x": object()})))
+            await writer.send(session_message(types.JSONRPCResponse(jsonrpc="2.0", id=2, result={"x": "y" * 500})))
+            await writer.send(session_message(_request(3, x=object())))
             await report_parse_error(session, b'{"jsonrpc":"2.0","id":1,"method":2}', invalid.value)
             await report_id_too_long(session)
     assert handler.statistics().buffered_events == 0

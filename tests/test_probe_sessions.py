@@ -13,7 +13,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx2
 import pytest
 from starlette.applications import Starlette
 
@@ -27,6 +26,7 @@ from mcp_sse_transport import (
     sse_app,
 )
 
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, serving
 from .test_integration import OPEN, initialize
 from .test_resume import call_stream, streaming_server

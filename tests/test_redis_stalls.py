@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from mcp.client.client import Client
 
 from mcp_sse_transport.client import resumable_sse_client
 
 from ._cluster import one_request_per_connection, workers
 from ._redis import RedisProcess, StallingLink
+from ._sdk_compat import Client
 from ._support import CuttingProxy
 
 pytestmark = pytest.mark.anyio

@@ -20,7 +20,7 @@ import anyio.abc
 import pytest
 
 from mcp_sse_transport import _sdk
-from mcp_sse_transport._sdk import ServerMessageMetadata, SessionMessage, types
+from mcp_sse_transport._sdk import ServerMessageMetadata, SessionMessage, session_message, types
 from mcp_sse_transport.errors import ConnectionLostError, ErrorCode
 from mcp_sse_transport.handler import SessionHandler
 from mcp_sse_transport.ledger import MemoryRequestLedger
@@ -89,23 +89,23 @@ async def rig(**overrides: object) -> AsyncIterator[Rig]:
 
 
 def response(request_id: types.RequestId) -> SessionMessage:
-    return SessionMessage(types.JSONRPCResponse(jsonrpc="2.0", id=request_id, result={}))
+    return session_message(types.JSONRPCResponse(jsonrpc="2.0", id=request_id, result={}))
 
 
 def error(request_id: types.RequestId) -> SessionMessage:
-    return SessionMessage(_sdk.jsonrpc_error(request_id, "failed", -32000))
+    return session_message(_sdk.jsonrpc_error(request_id, "failed", -32000))
 
 
 def progress(related: types.RequestId | None = None) -> SessionMessage:
     message = types.JSONRPCNotification(jsonrpc="2.0", method="notifications/progress", params={"progress": 1})
     if related is None:
-        return SessionMessage(message)
-    return SessionMessage(message, metadata=ServerMessageMetadata(related_request_id=related))
+        return session_message(message)
+    return session_message(message, metadata=ServerMessageMetadata(related_request_id=related))
 
 
 def server_request(related: types.RequestId | None = None) -> SessionMessage:
     message = types.JSONRPCRequest(jsonrpc="2.0", id=99, method="sampling/createMessage")
-    return SessionMessage(message, metadata=ServerMessageMetadata(related_request_id=related))
+    return session_message(message, metadata=ServerMessageMetadata(related_request_id=related))
 
 
 # -- routing -----------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ async def test_a_json_request_gets_its_answer_as_the_body_not_its_own_notificati
         writer = ServerWriteStream(session, r.tg, MemoryRequestLedger())
         await writer.send(progress(related=3))
         answer = types.JSONRPCResponse(jsonrpc="2.0", id=3, result={"answer": 42})
-        await writer.send(SessionMessage(answer))
+        await writer.send(session_message(answer))
         assert reply.ready.is_set()
         assert reply.body is not None
         assert _sdk.parse(reply.body) == answer
@@ -239,8 +239,8 @@ async def test_an_answered_stream_drains_ends_and_stays_resumable() -> None:
         stream = r.streams.open(5)
         sink = RecordingSink()
         runner = await start(r.tg, stream, sink)
-        await stream.send(_sdk.serialize(progress(related=5).message))
-        await stream.send(_sdk.serialize(response(5).message))
+        await stream.send(_sdk.serialize(_sdk.message_of(progress(related=5))))
+        await stream.send(_sdk.serialize(_sdk.message_of(response(5))))
         r.streams.answered(5, stream)
         assert not r.streams.waiting(5)
         assert stream.epilogue is None
@@ -488,7 +488,7 @@ async def test_a_stream_answered_while_the_server_shuts_down_ends_with_the_shutd
         sink = RecordingSink()
         runner = await start(r.tg, stream, sink)
         r.streams.shutting_down = True
-        await stream.send(_sdk.serialize(response(1).message))
+        await stream.send(_sdk.serialize(_sdk.message_of(response(1))))
         r.streams.answered(1, stream)
         await runner.done.wait()
         assert runner.graceful is True

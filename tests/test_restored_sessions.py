@@ -14,14 +14,13 @@ import json
 from typing import Any
 
 import anyio
-import httpx2
-import mcp_types as types
 import pytest
-from mcp.server import Server, ServerRequestContext
 from redis.asyncio import Redis
 
 from mcp_sse_transport import sse_app
 
+from ._sdk_compat import Server, ServerRequestContext, types
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, SseEvent, serving
 from .test_integration import OPEN
 from .test_scaleout import two_workers

@@ -6,21 +6,18 @@ import random
 from typing import Any
 
 import anyio
-import httpx2
-import mcp_types as types
 import pytest
-from mcp.client.client import Client
-from mcp.server import Server, ServerRequestContext
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.shared.exceptions import MCPError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcp_sse_transport import ErrorCode, SseConfig, sse_app
 from mcp_sse_transport.client import resumable_sse_client
 
 from ._cluster import one_request_per_connection
+from ._sdk_compat import Client, MCPError, Server, ServerRequestContext, types
+from ._sdk_compat import httpx as httpx2
 from ._support import CuttingProxy, RawSseStream, SseEvent, serving
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 
 import anyio
-import httpx2
 import pytest
 from redis.asyncio import Redis
 from starlette.applications import Starlette
@@ -17,6 +16,7 @@ from starlette.applications import Starlette
 from mcp_sse_transport import ErrorCode, InMemoryEventStore, SseConfig, SseServerTransport, sse_app
 
 from ._redis import deletion_of
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, serving
 from .test_resume import OPEN, _UserFromHeader, call_stream, open_session, start_session, stream_runs, streaming_server
 

@@ -23,7 +23,18 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from mcp_sse_transport import _sdk
-from mcp_sse_transport._sdk import MCPServer, Server, ServerMessageMetadata, SessionMessage, ValidationError, types
+from mcp_sse_transport._sdk import (
+    MCPServer,
+    Server,
+    ServerMessageMetadata,
+    SessionMessage,
+    ValidationError,
+    session_message,
+    types,
+)
+from mcp_sse_transport._sdk._fastmcp import is_fastmcp
+
+from ._sdk_compat import lowlevel_of, needs_mcp2, snake
 
 # -- parse ---------------------------------------------------------------------------------------
 
@@ -87,6 +98,7 @@ def test_serialize_and_dump_round_trip_through_parse(body: str) -> None:
     assert text.encode() == data, "dump is serialize as text"
 
 
+@needs_mcp2("exclude_unset serialization: 1.x serializes with exclude_none, dropping an explicit None too")
 def test_serialize_and_dump_leave_out_unset_fields() -> None:
     request = types.JSONRPCRequest(jsonrpc="2.0", id=1, method="ping")
     error = types.JSONRPCError(jsonrpc="2.0", id=1, error=types.ErrorData(code=-1, message="m"))
@@ -150,7 +162,7 @@ def test_restored_handshake_is_an_initialize_and_initialized_for_the_version() -
 def test_restored_handshake_is_valid_mcp() -> None:
     initialize, initialized = _sdk.restored_handshake("2025-03-26")
     assert initialize.params is not None
-    request = types.InitializeRequestParams.model_validate(initialize.params)
+    request = snake(types.InitializeRequestParams.model_validate(initialize.params))
     assert request.protocol_version == "2025-03-26"
     assert request.client_info.name == "mcp-sse-transport-restored-session"
     assert _sdk.parse(_sdk.serialize(initialize)) == initialize
@@ -163,7 +175,7 @@ def test_restored_handshake_is_valid_mcp() -> None:
 @pytest.mark.anyio
 async def test_server_streams_carry_a_sent_message_to_the_read_stream() -> None:
     inbound, read_stream = _sdk.server_streams()
-    message = SessionMessage(types.JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized"))
+    message = session_message(types.JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized"))
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(inbound.send, message)
@@ -196,7 +208,7 @@ async def test_server_streams_are_unbuffered() -> None:
 @pytest.mark.anyio
 async def test_ended_streams_end_reads_and_refuse_writes() -> None:
     read_stream, write_stream = _sdk.ended_streams()
-    message = SessionMessage(types.JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized"))
+    message = session_message(types.JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized"))
     with anyio.fail_after(5):
         with pytest.raises(anyio.EndOfStream):
             await read_stream.receive()
@@ -210,7 +222,7 @@ def test_lowlevel_server_of_an_mcp_server_is_its_lowlevel_server() -> None:
     server = MCPServer("adapted")
     lowlevel = _sdk.lowlevel_server(server)
     assert isinstance(lowlevel, Server)
-    assert lowlevel is server._lowlevel_server
+    assert lowlevel is lowlevel_of(server)
     assert lowlevel.name == "adapted"
 
 
@@ -226,6 +238,7 @@ def _request(scope: dict[str, Any] | None = None) -> Request:
     return Request({"type": "http", "method": "POST", "path": "/messages/", "headers": [], **(scope or {})})
 
 
+@needs_mcp2("on_request_unanswered on ServerMessageMetadata (1.x answers every request itself)")
 def test_metadata_carries_the_request_and_no_unanswered_hook_by_default() -> None:
     request = _request()
     result = _sdk.metadata(request)
@@ -233,6 +246,7 @@ def test_metadata_carries_the_request_and_no_unanswered_hook_by_default() -> Non
     assert result.on_request_unanswered is None
 
 
+@needs_mcp2("on_request_unanswered on ServerMessageMetadata (1.x answers every request itself)")
 @pytest.mark.anyio
 async def test_metadata_sets_the_unanswered_hook() -> None:
     ran = anyio.Event()
@@ -247,6 +261,7 @@ async def test_metadata_sets_the_unanswered_hook() -> None:
     assert ran.is_set()
 
 
+@needs_mcp2("can_send_request nor on_request_unanswered on ServerMessageMetadata")
 def test_metadata_carries_no_close_callbacks_and_allows_server_requests_by_default() -> None:
     result = _sdk.metadata(_request())
     assert result.close_sse_stream is None
@@ -255,6 +270,7 @@ def test_metadata_carries_no_close_callbacks_and_allows_server_requests_by_defau
     assert result.related_request_id is None
 
 
+@needs_mcp2("can_send_request nor on_request_unanswered on ServerMessageMetadata")
 @pytest.mark.anyio
 async def test_metadata_carries_the_close_callbacks_and_can_send_request() -> None:
     closed: list[str] = []
@@ -281,12 +297,15 @@ async def test_metadata_carries_the_close_callbacks_and_can_send_request() -> No
 def test_related_request_id_is_the_servers_metadata_s_related_request() -> None:
     notification = types.JSONRPCNotification(jsonrpc="2.0", method="notifications/progress")
     for related in (5, "a"):
-        item = SessionMessage(notification, metadata=ServerMessageMetadata(related_request_id=related))
+        item = session_message(notification, metadata=ServerMessageMetadata(related_request_id=related))
         assert _sdk.related_request_id(item) == related
-    assert _sdk.related_request_id(SessionMessage(notification, metadata=ServerMessageMetadata())) is None
-    assert _sdk.related_request_id(SessionMessage(notification)) is None
+    assert _sdk.related_request_id(session_message(notification, metadata=ServerMessageMetadata())) is None
+    assert _sdk.related_request_id(session_message(notification)) is None
     client_side = ClientMessageMetadata(resumption_token="t")
-    assert _sdk.related_request_id(SessionMessage(notification, metadata=client_side)) is None
+    assert (
+        _sdk.related_request_id(SessionMessage(_sdk.session_message(notification).message, metadata=client_side))
+        is None
+    )
 
 
 @pytest.mark.parametrize("version", [None, "2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"])
@@ -353,6 +372,8 @@ def test_owner_fingerprint_of_a_bearer_user_is_a_sha256_hex_digest_stable_across
     ],
 )
 def test_owner_fingerprint_tells_bearer_principals_apart(changes: dict[str, Any]) -> None:
+    if not set(changes) <= set(AccessToken.model_fields):
+        pytest.skip(f"this mcp's AccessToken has no {sorted(set(changes) - set(AccessToken.model_fields))} (1.28 on)")
     mine = _sdk.owner_fingerprint(_scope(AuthenticatedUser(_token())))
     theirs = _sdk.owner_fingerprint(_scope(AuthenticatedUser(_token(**changes))))
     assert theirs not in ("", mine)
@@ -538,3 +559,59 @@ def test_server_wiring_with_a_verifier_and_no_required_scopes_requires_none() ->
     assert routes == [], "no resource server url: no protected resource metadata"
     classes: list[object] = [entry.cls for entry in middleware]
     assert classes == [AuthenticationMiddleware, AuthContextMiddleware]
+
+
+# -- the installed major, and what it spells its own way ----------------------------------------
+
+
+def test_the_major_is_the_installed_sdks() -> None:
+    from importlib.metadata import version
+
+    assert version("mcp") == _sdk.VERSION
+    assert int(version("mcp").split(".")[0]) == _sdk.MAJOR
+
+
+def test_a_message_goes_onto_the_sdks_stream_and_comes_off_it_the_same() -> None:
+    request = types.JSONRPCRequest(jsonrpc="2.0", id=7, method="ping")
+    item = session_message(request)
+    assert isinstance(item, SessionMessage)
+    assert _sdk.message_of(item) == request
+    if _sdk.MAJOR < 2:  # 1.x's streams carry the root model, as its own transports send
+        assert isinstance(item.message, types.JSONRPCMessage)
+
+
+@pytest.mark.anyio
+async def test_the_sender_context_is_what_the_sdks_streams_carry() -> None:
+    send, receive = _sdk.create_context_streams[int](1)
+    async with send, receive:
+        await send.send(1)
+        assert await receive.receive() == 1
+        context = _sdk.sender_context(receive)
+    if _sdk.MAJOR >= 2:
+        assert context is not None
+    else:
+        assert context is None
+
+
+def test_only_a_fastmcp_server_gets_the_frameworks_wiring() -> None:
+    server = MCPServer("plain")
+    assert not is_fastmcp(server)
+    assert not is_fastmcp(lowlevel_of(server))
+    assert _sdk.app_state(server, "sse") == {}
+    assert _sdk.lowlevel_server(server) is lowlevel_of(server)
+
+
+def test_a_store_per_session_needs_a_manager_that_admits_sessions() -> None:
+    """mcp 1.28 and 2.x admit each session through ``_admit_session``, which the per-session
+    store hooks; before 1.28 there is nothing to hook, and the manager says so."""
+
+    async def release(store: Any) -> None:
+        return None
+
+    server = lowlevel_of(MCPServer("stores"))
+    if hasattr(_sdk.StockSessionManager, "_admit_session"):
+        manager = _sdk.PerSessionStoreManager(server, lambda session_id: None, release)  # type: ignore[arg-type,return-value]
+        assert manager.event_store is None
+    else:
+        with pytest.raises(RuntimeError, match=r"needs mcp>=1\.28"):
+            _sdk.PerSessionStoreManager(server, lambda session_id: None, release)  # type: ignore[arg-type,return-value]

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from mcp_sse_transport import _sdk
-from mcp_sse_transport._sdk import Inbound, SessionMessage, types
+from mcp_sse_transport._sdk import Inbound, session_message, types
 from mcp_sse_transport.handler import SessionHandler
 from mcp_sse_transport.ids import SEEN_REQUEST_IDS
 from mcp_sse_transport.session import (
@@ -86,7 +86,7 @@ def test_session_id_is_its_handlers(inbound: Inbound) -> None:
 )
 def test_one_stream_is_for_every_message_kind(message: types.JSONRPCMessage) -> None:
     handler = SessionHandler(SESSION, quiet_config())
-    assert OneStream(handler).stream_for(SessionMessage(message)) is handler
+    assert OneStream(handler).stream_for(session_message(message)) is handler
 
 
 # -- SeenIds -------------------------------------------------------------------------------------

@@ -15,16 +15,14 @@ from functools import partial
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
-from mcp.client.client import Client
-from mcp.shared.dispatcher import ProgressFnT
-from mcp.shared.exceptions import MCPError
 
 from mcp_sse_transport import ErrorCode, SseConfig, sse_app
 from mcp_sse_transport.client import resumable_sse_client
 
 from ._cluster import Worker, one_request_per_connection, workers
+from ._sdk_compat import Client, MCPError, ProgressFnT
+from ._sdk_compat import httpx as httpx2
 from ._support import CuttingProxy, RawSseStream, serving
 from .test_faults import fault_server
 from .test_integration import OPEN, initialize

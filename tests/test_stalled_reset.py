@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass, field
 
 import anyio
-import httpx2
 import pytest
 from anyio.abc import SocketAttribute
 from starlette.routing import Route
@@ -17,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mcp_sse_transport import ErrorCode, SlowConsumerError, SseConfig, encode_error, sse_app
 from mcp_sse_transport._asgi import end_stream, open_stream
 
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, serving
 from .test_integration import OPEN, _Flood, initialize, lowlevel_server
 

@@ -11,9 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
-from mcp.server.mcpserver import Context, MCPServer
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
 from starlette.middleware import Middleware
@@ -31,6 +29,8 @@ from mcp_sse_transport import (
 )
 from mcp_sse_transport.errors import StoreError
 
+from ._sdk_compat import Context, MCPServer, lowlevel_of
+from ._sdk_compat import httpx as httpx2
 from ._streamable import INITIALIZE, Logged, asgi_errors, data, headers, message, open_session
 from ._support import RawSseStream, serving
 
@@ -135,7 +135,7 @@ async def _authenticated(manager: StreamableHTTPSessionManager) -> AsyncIterator
 
 
 async def test_a_session_answers_only_the_credential_that_opened_it() -> None:
-    manager = StreamableHTTPSessionManager(_server()._lowlevel_server)
+    manager = StreamableHTTPSessionManager(lowlevel_of(_server()))
     async with _authenticated(manager) as base:
         with anyio.fail_after(15):
             session_id = await open_session(base, extra={"x-user": "alice"})
@@ -178,7 +178,7 @@ async def test_delete_ends_the_session_and_answers_a_waiting_request() -> None:
 async def test_a_session_idle_for_session_idle_timeout_ends_and_its_id_is_not_found(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    manager = StreamableHTTPSessionManager(_server()._lowlevel_server, session_idle_timeout=0.2)
+    manager = StreamableHTTPSessionManager(lowlevel_of(_server()), session_idle_timeout=0.2)
     caplog.set_level(logging.INFO, logger="mcp_sse_transport")
     idle = Logged("idle for")
     logger = logging.getLogger("mcp_sse_transport")
@@ -198,7 +198,7 @@ async def test_a_session_idle_for_session_idle_timeout_ends_and_its_id_is_not_fo
 async def test_an_open_stream_holds_the_session_open_past_its_idle_timeout(caplog: pytest.LogCaptureFixture) -> None:
     """A request in flight (here the standalone GET stream) holds the session: no idle deadline
     runs while it is open, and the countdown starts once the last one ended."""
-    manager = StreamableHTTPSessionManager(_server()._lowlevel_server, session_idle_timeout=0.2)
+    manager = StreamableHTTPSessionManager(lowlevel_of(_server()), session_idle_timeout=0.2)
     caplog.set_level(logging.INFO, logger="mcp_sse_transport")
     idle = Logged("idle for")
     logger = logging.getLogger("mcp_sse_transport")
@@ -256,7 +256,7 @@ async def open_session_json(base: str) -> str:
 
 
 def test_the_constructor_validates_as_stock_and_maps_its_arguments_onto_the_config() -> None:
-    lowlevel = _server()._lowlevel_server
+    lowlevel = lowlevel_of(_server())
     for bad in ({"session_idle_timeout": 0}, {"max_request_body_size": 0}, {"max_sessions": 0}):
         with pytest.raises(ValueError, match="must be a positive"):
             StreamableHTTPSessionManager(lowlevel, **bad)  # type: ignore[arg-type]
@@ -267,7 +267,7 @@ def test_the_constructor_validates_as_stock_and_maps_its_arguments_onto_the_conf
 
 
 async def test_run_can_be_entered_once_and_requests_need_it() -> None:
-    manager = StreamableHTTPSessionManager(_server()._lowlevel_server)
+    manager = StreamableHTTPSessionManager(lowlevel_of(_server()))
     scope: Scope = {"type": "http", "method": "GET", "path": "/mcp", "headers": []}
 
     async def receive() -> dict[str, Any]:
@@ -288,7 +288,7 @@ async def test_run_can_be_entered_once_and_requests_need_it() -> None:
 async def test_the_event_store_given_is_the_one_used_even_when_empty() -> None:
     store = InMemoryEventStore(max_events=5)
     assert not store, "an empty in-memory store is falsy"
-    manager = StreamableHTTPSessionManager(_server()._lowlevel_server, event_store=store)
+    manager = StreamableHTTPSessionManager(lowlevel_of(_server()), event_store=store)
     assert manager._store is store
 
 

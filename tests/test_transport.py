@@ -27,15 +27,15 @@ from typing import Any
 from uuid import UUID
 
 import anyio
-import httpx2
 import pytest
-from mcp.server import Server
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from mcp_sse_transport import RequestRejected, SseConfig, SseServerTransport, sse_app
 
+from ._sdk_compat import Server
+from ._sdk_compat import httpx as httpx2
 from ._support import RawSseStream, serving
 from .test_integration import OPEN, initialize, lowlevel_server
 from .test_resume import _UserFromHeader

@@ -5,8 +5,9 @@ the extracted ``mcp`` sdist. It is not a test module of ours: it lives outside `
 name does not match ``test_*.py``.
 
 At import time, before pytest imports any SDK test module, it rebinds the public name
-``mcp.server.sse.SseServerTransport`` (and the copy ``MCPServer.sse_app`` uses,
-``mcp.server.mcpserver.server.SseServerTransport``) to our class. Every later
+``mcp.server.sse.SseServerTransport`` (and the copy the framework's ``sse_app`` uses:
+``mcp.server.mcpserver.server.SseServerTransport`` on mcp 2.x, ``mcp.server.fastmcp.server``'s on
+1.x) to our class. Every later
 ``from mcp.server.sse import SseServerTransport`` -- the SDK test modules and
 ``tests.interaction._connect`` -- therefore binds ours.
 
@@ -27,10 +28,11 @@ The swap is verified, loudly:
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import sys
 from typing import Any
 
-import mcp.server.mcpserver.server as _mcpserver_module
 import mcp.server.sse as _stock_module
 import pytest
 from mcp.server.lowlevel.server import Server
@@ -38,6 +40,10 @@ from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, Transpo
 
 import mcp_sse_transport
 from mcp_sse_transport import EventStore, SseConfig
+
+_MCP2 = importlib.metadata.version("mcp") >= "2"
+_FRAMEWORK_MODULE = "mcp.server.mcpserver.server" if _MCP2 else "mcp.server.fastmcp.server"
+_mcpserver_module = importlib.import_module(_FRAMEWORK_MODULE)
 
 OURS = mcp_sse_transport.SseServerTransport
 STOCK = _stock_module.SseServerTransport

@@ -15,7 +15,7 @@ from uuid import uuid4
 
 import anyio
 
-from .._sdk import dump, types
+from .._sdk import Message, dump, types
 from ..errors import FencedError, StoreError
 from ..fencing import REMOVE_PENDING
 from ..ids import SEEN_REQUEST_IDS, session_tag
@@ -77,7 +77,7 @@ class _Attempt:
 
     ledger: RedisRequestLedger
     session: Session
-    message: types.JSONRPCMessage
+    message: Message
     body: bytes
     key: str
     """The request id, as JSON ("" for a message that is not a request)."""
@@ -121,7 +121,7 @@ class RedisRequestLedger:
         self._remove_pending = redis.register_script(REMOVE_PENDING)
 
     @asynccontextmanager
-    async def admit(self, session: Session, message: types.JSONRPCMessage, body: bytes) -> AsyncIterator[Admission]:
+    async def admit(self, session: Session, message: Message, body: bytes) -> AsyncIterator[Admission]:
         if not isinstance(message, types.JSONRPCRequest):
             yield _Attempt(self, session, message, body, "")
             return
@@ -178,10 +178,10 @@ class RedisRequestLedger:
         await stream.flush()  # stored before it is struck off: this worker may die
         await self._strike_off(session, request_id)
 
-    def on_unanswered(self, session: Session, message: types.JSONRPCMessage) -> Callable[[], Awaitable[None]] | None:
+    def on_unanswered(self, session: Session, message: Message) -> Callable[[], Awaitable[None]] | None:
         return partial(self._strike_off, session, message.id) if isinstance(message, types.JSONRPCRequest) else None
 
-    async def after_delivery(self, session: Session, message: types.JSONRPCMessage) -> None:
+    async def after_delivery(self, session: Session, message: Message) -> None:
         """A ``notifications/cancelled`` strikes its request off the unanswered list (before its
         POST is answered): the server will not answer it."""
         if isinstance(message, types.JSONRPCNotification) and message.method == "notifications/cancelled":

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from .._sdk import Server, SessionMessage, dump, jsonrpc_error, parse, types
+from .._sdk import Server, dump, jsonrpc_error, parse, session_message, types
 from ..backplane import Host
 from ..errors import ErrorCode, StoreError
 from ..session import Session, SessionsFull
@@ -93,7 +93,7 @@ class Takeovers:
             message = parse(raw)
             if isinstance(message, types.JSONRPCRequest):
                 session.swallow = message.id
-            await session.inbound.send(SessionMessage(message))
+            await session.inbound.send(session_message(message))
         if unanswered:  # stored before they are struck off: this worker may die too
             await self._ledger.remove_pending(session_id, *unanswered)
         self._host.sessions.add(session_id, session)

@@ -1,137 +1,48 @@
-"""The one module that knows the MCP SDK: every import of it, and every version-specific detail.
+"""The one package that knows the MCP SDK: every import of it, and every version-specific detail.
 
 Stream types, message (de)serialization, server wiring, auth context and the SDK's HTTP helpers
-are reached through here, so supporting another SDK release changes this module alone.
+are reached through here. ``_v2`` holds what mcp 2.x spells its own way, ``_v1`` what mcp 1.x
+does; this module picks the one of the installed SDK and adds what both share, so the rest of
+the package never asks which major it runs on. Type checking reads the 2.x side.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
+import anyio
 import anyio.abc
-import mcp_types as types
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, auth_context_var
-from mcp.server.auth.middleware.bearer_auth import (
-    AuthenticatedUser,
-    AuthorizationContext,
-    BearerAuthBackend,
-    RequireAuthMiddleware,
-    authorization_context,
-)
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuthBackend, RequireAuthMiddleware
 from mcp.server.auth.provider import AccessToken
-from mcp.server.auth.routes import (
-    build_resource_metadata_url,
-    create_auth_routes,
-    create_protected_resource_routes,
-)
-from mcp.server.lowlevel.server import Server
-from mcp.server.mcpserver import MCPServer
-from mcp.server.runner import serve_loop
-from mcp.server.streamable_http import (
-    LAST_EVENT_ID_HEADER,
-    MCP_SESSION_ID_HEADER,
-    REQUEST_CANCELLED,
-    StreamableHTTPServerTransport,
-    check_accept_headers,
-)
-from mcp.server.streamable_http import EventMessage as SdkEventMessage
-from mcp.server.streamable_http import EventStore as SdkEventStore
-from mcp.server.streamable_http_manager import (
-    DEFAULT_MAX_SESSIONS,
-    DEFAULT_SESSION_IDLE_TIMEOUT,
-)
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager as StockSessionManager
-from mcp.server.transport_security import (
-    DEFAULT_MAX_REQUEST_BODY_SIZE,
-    RequestBodyLimitMiddleware,
-    TransportSecurityMiddleware,
-    TransportSecuritySettings,
-)
-from mcp.shared._context_streams import ContextReceiveStream, ContextSendStream, create_context_streams
-from mcp.shared._httpx_utils import (
-    McpHttpClientFactory,
-    create_mcp_http_client,
-    request_within_origin,
-    sse_within_origin,
-)
-from mcp.shared._stream_protocols import ReadStream, WriteStream
-from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
-from mcp.shared.message import CloseSSEStreamCallback, ServerMessageMetadata, SessionMessage
-from mcp_types import DEFAULT_NEGOTIATED_VERSION
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, is_version_at_least
-from pydantic import ValidationError
+from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
+from mcp.server.transport_security import TransportSecurityMiddleware as TransportSecurityMiddleware
+from mcp.server.transport_security import TransportSecuritySettings as TransportSecuritySettings
+from mcp.shared.message import CloseSSEStreamCallback as CloseSSEStreamCallback
+from pydantic import ValidationError as ValidationError
 from starlette.authentication import BaseUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.requests import Request
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Scope
 
-__all__ = [
-    "DEFAULT_MAX_REQUEST_BODY_SIZE",
-    "DEFAULT_MAX_SESSIONS",
-    "DEFAULT_NEGOTIATED_VERSION",
-    "DEFAULT_SESSION_IDLE_TIMEOUT",
-    "LAST_EVENT_ID_HEADER",
-    "MCP_PROTOCOL_VERSION_HEADER",
-    "MCP_SESSION_ID_HEADER",
-    "PER_SESSION_RELEASE_WITHIN",
-    "REQUEST_CANCELLED",
-    "CloseSSEStreamCallback",
-    "ContextReceiveStream",
-    "ContextSendStream",
-    "Inbound",
-    "MCPServer",
-    "McpHttpClientFactory",
-    "PerSessionStoreManager",
-    "ReadStream",
-    "RequestBodyLimitMiddleware",
-    "SdkEventMessage",
-    "SdkEventStore",
-    "Server",
-    "ServerMessageMetadata",
-    "SessionMessage",
-    "StockSessionManager",
-    "TransportSecurityMiddleware",
-    "TransportSecuritySettings",
-    "ValidationError",
-    "WriteStream",
-    "accepts",
-    "adopt_stock_manager",
-    "answered_id",
-    "auth_context",
-    "create_context_streams",
-    "create_mcp_http_client",
-    "dump",
-    "ended_streams",
-    "forwarded_user",
-    "handshake_era",
-    "jsonrpc_error",
-    "lifespan",
-    "lowlevel_server",
-    "metadata",
-    "owner_fingerprint",
-    "parse",
-    "primes_streams",
-    "related_request_id",
-    "request_within_origin",
-    "restored_handshake",
-    "serialize",
-    "serve_session",
-    "server_streams",
-    "server_wiring",
-    "speaks_handshake",
-    "sse_within_origin",
-    "types",
-    "user_token",
-]
+from ._fastmcp import fastmcp_lifespan, fastmcp_wiring, is_fastmcp
+from ._major import MAJOR as MAJOR
+from ._major import VERSION as VERSION
 
-Inbound = ContextSendStream[SessionMessage | Exception]
-"""The sending end of an SDK server's read stream."""
+if TYPE_CHECKING or MAJOR >= 2:
+    from ._v2 import *
+else:  # pragma: no cover (the 1.x environment's run covers it)
+    from ._v1 import *
+
+Served = Any
+"""What the front ends serve: an mcp 2.x ``MCPServer``, an mcp 1.x ``FastMCP``, a
+``fastmcp.FastMCP`` (3.x or 4.x), or a lowlevel ``Server`` of either major."""
 
 RESTORED_REQUEST_ID = "mcp-sse-transport/restore"
 """The id of a restored session's synthetic ``initialize``, whose response is swallowed."""
@@ -151,41 +62,16 @@ def ended_streams() -> tuple[ReadStream[SessionMessage | Exception], WriteStream
     return read_stream, write_stream
 
 
-def lowlevel_server(server: MCPServer[Any] | Server[Any]) -> Server[Any]:
-    """The lowlevel ``Server`` that runs a session, of an ``MCPServer`` or itself."""
-    return server._lowlevel_server if isinstance(server, MCPServer) else server
-
-
 # -- messages ------------------------------------------------------------------------------------
-
-
-def parse(body: bytes | str) -> types.JSONRPCMessage:
-    """A POSTed JSON-RPC message; raises :class:`ValidationError` when it is not one."""
-    return types.jsonrpc_message_adapter.validate_json(body, by_name=False)
-
-
-def serialize(message: types.JSONRPCMessage) -> bytes:
-    """Bytes straight from pydantic-core: what ``model_dump_json`` does, without the str round
-    trip. Raises ValueError or TypeError for a message that cannot be serialized."""
-    return message.__pydantic_serializer__.to_json(message, by_alias=True, exclude_unset=True)
-
-
-def dump(message: types.JSONRPCMessage) -> str:
-    return message.model_dump_json(by_alias=True, exclude_unset=True)
 
 
 def jsonrpc_error(request_id: types.RequestId, message: str, code: int) -> types.JSONRPCError:
     return types.JSONRPCError(jsonrpc="2.0", id=request_id, error=types.ErrorData(code=code, message=message))
 
 
-def answered_id(message: types.JSONRPCMessage) -> types.RequestId | None:
+def answered_id(message: Message) -> types.RequestId | None:
     """The id a response or error answers; ``None`` for requests and notifications."""
     return message.id if isinstance(message, types.JSONRPCResponse | types.JSONRPCError) else None
-
-
-def speaks_handshake(version: str) -> bool:
-    """Whether the SDK negotiates ``version`` through ``initialize``."""
-    return version in HANDSHAKE_PROTOCOL_VERSIONS
 
 
 def restored_handshake(version: str) -> tuple[types.JSONRPCRequest, types.JSONRPCNotification]:
@@ -198,28 +84,6 @@ def restored_handshake(version: str) -> tuple[types.JSONRPCRequest, types.JSONRP
     return initialize, types.JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized")
 
 
-def metadata(
-    request: Request,
-    on_unanswered: Callable[[], Awaitable[None]] | None = None,
-    *,
-    close_stream: CloseSSEStreamCallback | None = None,
-    close_standalone: CloseSSEStreamCallback | None = None,
-    can_send_request: bool = True,
-) -> ServerMessageMetadata:
-    """A POSTed message's metadata: its HTTP request, what runs if a request settles without an
-    answer (cancelled: mcp 2.x never answers it), and for Streamable HTTP the callbacks behind
-    ``ctx.close_sse_stream()`` and whether the request's channel can carry server requests."""
-    result = ServerMessageMetadata(
-        request_context=request,
-        close_sse_stream=close_stream,
-        close_standalone_sse_stream=close_standalone,
-        can_send_request=can_send_request,
-    )
-    if on_unanswered is not None:
-        result.on_request_unanswered = on_unanswered
-    return result
-
-
 def related_request_id(item: SessionMessage) -> types.RequestId | None:
     """The client request a server's outbound message belongs to (its progress, its logs, its
     own requests), if the server said."""
@@ -227,30 +91,7 @@ def related_request_id(item: SessionMessage) -> types.RequestId | None:
     return meta.related_request_id if isinstance(meta, ServerMessageMetadata) else None
 
 
-# -- Streamable HTTP -----------------------------------------------------------------------------
-
-
-def handshake_era(version: str | None) -> bool:
-    """Whether a Streamable HTTP request with this ``MCP-Protocol-Version`` (``None``: no header)
-    belongs to the sessions of the handshake era (2024-11-05 to 2025-11-25), as the SDK routes it;
-    any other value goes to the SDK's single-exchange entry (2026-07-28), which validates it."""
-    return version is None or version in HANDSHAKE_PROTOCOL_VERSIONS
-
-
-def primes_streams(version: str) -> bool:
-    """Whether a client at ``version`` gets a priming event (an id, empty data) first on each POST
-    stream, and may have its streams closed for polling: 2025-11-25 on, as the SDK decides."""
-    return is_version_at_least(version, "2025-11-25")
-
-
-def accepts(request: Request) -> tuple[bool, bool]:
-    """Whether the request's ``Accept`` takes JSON, and event streams, as the SDK reads it."""
-    return check_accept_headers(request)
-
-
-def lifespan(server: Server[Any]) -> AbstractAsyncContextManager[Any]:
-    """The server's lifespan, which a session manager enters once for all its sessions."""
-    return server.lifespan(server)
+# -- Streamable HTTP: the SDK's manager -----------------------------------------------------------
 
 
 def adopt_stock_manager(manager: StockSessionManager, task_group: anyio.abc.TaskGroup, lifespan_state: Any) -> None:
@@ -284,6 +125,8 @@ class PerSessionStoreManager(StockSessionManager):
         release: Callable[[SdkEventStore], Awaitable[None]],
         **stock_kwargs: Any,
     ) -> None:
+        if not hasattr(StockSessionManager, "_admit_session"):
+            raise RuntimeError(f"a session manager with a store per session needs mcp>=1.28 (this is mcp {VERSION})")
         if stock_kwargs.get("stateless"):
             raise ValueError("a stateless manager has no sessions and stores no events")
         if "event_store" in stock_kwargs:
@@ -307,18 +150,6 @@ class PerSessionStoreManager(StockSessionManager):
                 await self._release(store)
 
 
-async def serve_session(
-    server: Server[Any],
-    read_stream: ReadStream[SessionMessage | Exception],
-    write_stream: WriteStream[SessionMessage],
-    lifespan_state: Any,
-    session_id: str,
-) -> None:
-    """One Streamable HTTP session's server run, as the SDK's manager drives it: the manager's
-    lifespan, entered once, shared by every session."""
-    await serve_loop(server, read_stream, write_stream, lifespan_state=lifespan_state, session_id=session_id)
-
-
 # -- auth ----------------------------------------------------------------------------------------
 
 
@@ -330,7 +161,7 @@ def owner_fingerprint(scope: Scope) -> str:
     identity."""
     user = scope.get("user")
     if isinstance(user, AuthenticatedUser):
-        principal: Any = authorization_context(user)
+        principal: Any = token_principal(user)
     elif isinstance(user, BaseUser) and user.is_authenticated:
         try:
             identity = user.identity
@@ -369,12 +200,55 @@ def auth_context(scope: Scope) -> Iterator[None]:
 # -- server wiring -------------------------------------------------------------------------------
 
 
+def _validates_resource(auth: Any) -> bool:
+    """``AuthSettings.validate_token_resource`` (mcp 1.28 and 2.x; before, tokens name no resource)."""
+    return bool(getattr(auth, "validate_token_resource", False))
+
+
+def _bearer_backend(verifier: Any, resource_server_url: Any) -> BearerAuthBackend:
+    """The SDK's bearer backend, checking the token's resource where the SDK can (1.28 on)."""
+    if resource_server_url is None:
+        return BearerAuthBackend(verifier)
+    return BearerAuthBackend(verifier, resource_server_url=resource_server_url)
+
+
+def stock_manager(app: Server[Any], **kwargs: Any) -> StockSessionManager:
+    """The SDK's session manager with those of ``kwargs`` its constructor takes: mcp before 1.28
+    has no body limit or session limits of its own (ours are in front of it)."""
+    accepted = inspect.signature(StockSessionManager.__init__).parameters
+    return StockSessionManager(app, **{name: value for name, value in kwargs.items() if name in accepted})
+
+
+def lowlevel_server(server: Served) -> Server[Any]:
+    """The lowlevel ``Server`` that runs a session of ``server``."""
+    return server._mcp_server if is_fastmcp(server) else sdk_lowlevel_server(server)
+
+
+def app_lifespan(server: Served) -> AbstractAsyncContextManager[Any]:
+    """What the framework's own app enters once around all its sessions (fastmcp: its lifespan
+    manager); the SDK's servers enter theirs per session (1.x) or per manager (2.x)."""
+    return fastmcp_lifespan(server) if is_fastmcp(server) else nullcontext()
+
+
+def app_state(server: Served, transport: str) -> dict[str, Any]:
+    """What the framework's middleware reads off ``app.state`` (fastmcp: the transport's name)."""
+    return {"transport_type": transport, "fastmcp_server": server} if is_fastmcp(server) else {}
+
+
 def server_wiring(
-    server: MCPServer[Any] | Server[Any], sse_endpoint: ASGIApp, post_endpoint: ASGIApp
+    server: Served,
+    sse_endpoint: ASGIApp,
+    post_endpoint: ASGIApp,
+    sse_path: str = "/sse",
+    message_path: str = "/messages/",
 ) -> tuple[ASGIApp, ASGIApp, list[BaseRoute], list[Middleware]]:
-    """An ``MCPServer``'s auth settings and routes, wired as its own ``sse_app()`` does: the two
+    """A server's auth settings and routes, wired as its framework's own SSE app does: the two
     endpoints (behind ``RequireAuthMiddleware`` when it verifies tokens), the routes to add after
-    them (auth server, protected resource metadata, custom routes) and the app's middleware."""
+    them (auth server, protected resource metadata, custom routes) and the app's middleware.
+    ``sse_path`` and ``message_path`` are where the endpoints are served (fastmcp names them in
+    its auth metadata)."""
+    if is_fastmcp(server):
+        return fastmcp_wiring(server, sse_path, message_path, sse_endpoint, post_endpoint)
     routes: list[BaseRoute] = []
     middleware: list[Middleware] = []
     if not isinstance(server, MCPServer):
@@ -382,22 +256,14 @@ def server_wiring(
     auth = server.settings.auth
     verifier = server._token_verifier
     if auth is not None and server._auth_server_provider is not None:
-        routes += create_auth_routes(
-            provider=server._auth_server_provider,
-            issuer_url=auth.issuer_url,
-            service_documentation_url=auth.service_documentation_url,
-            client_registration_options=auth.client_registration_options,
-            revocation_options=auth.revocation_options,
-            identity_assertion_enabled=auth.identity_assertion_enabled,
-        )
+        routes += auth_server_routes(server._auth_server_provider, auth)
     if verifier is not None:
         resource_url = auth.resource_server_url if auth is not None else None
         middleware = [
             Middleware(
                 AuthenticationMiddleware,
-                backend=BearerAuthBackend(
-                    verifier,
-                    resource_server_url=resource_url if auth is not None and auth.validate_token_resource else None,
+                backend=_bearer_backend(
+                    verifier, resource_url if auth is not None and _validates_resource(auth) else None
                 ),
             ),
             Middleware(AuthContextMiddleware),
