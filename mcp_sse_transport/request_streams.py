@@ -146,8 +146,9 @@ class SessionStreams:
         return entry.stream
 
     def _named(self, related: str) -> _Request | None:
-        """The request a server names by its id as a string: mcp 1.x's ``FastMCP`` relates its
-        progress and logs to ``str(request_id)``, and its transport keys streams so."""
+        """The request a server names by its id as a string: mcp 1.x's ``FastMCP`` and fastmcp (3
+        and 4) relate progress and logs to ``str(request_id)``, and the SDK's 1.x transport keys
+        streams so (requests ``7`` and ``"7"`` in flight at once: the first found)."""
         return next((entry for entry in self._requests.values() if str(entry.request_id) == related), None)
 
     def answered(self, request_id: types.RequestId, stream: Stream) -> None:

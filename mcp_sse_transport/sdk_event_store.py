@@ -36,6 +36,7 @@ from ._sdk import (
     StockSessionManager,
     lowlevel_server,
     parse,
+    sdk_message,
     serialize,
 )
 from .errors import StoreError
@@ -148,7 +149,7 @@ class SessionScopedEventStore(SdkEventStore):
             for event in replay.events:
                 if event.data != _PRIMING:
                     event_id = format_event_id(stream.key, event.token, stream.secret)
-                    await send_callback(SdkEventMessage(parse(event.data), event_id))
+                    await send_callback(SdkEventMessage(sdk_message(parse(event.data)), event_id))
             if not replay.events:  # read again after the last sends: what was stored meanwhile
                 return stream.stream_id
             after = replay.events[-1].token

@@ -84,7 +84,8 @@ def sse_app(
     host: str = "127.0.0.1",
     debug: bool = False,
 ) -> Starlette:
-    """A Starlette app serving ``server`` (an ``MCPServer`` or a lowlevel ``Server``) over SSE.
+    """A Starlette app serving ``server`` (an ``MCPServer``, a lowlevel ``Server``, or any server
+    of the README's versions table) over SSE.
 
     As ``MCPServer.sse_app()``: DNS-rebinding protection is on for local hosts unless
     ``transport_security`` says otherwise, and an ``MCPServer``'s auth settings, routes and
@@ -115,13 +116,13 @@ def sse_app(
             yield
 
     app = Starlette(debug=debug, routes=routes, middleware=middleware, lifespan=lifespan)
-    _set_state(app, server, "sse")
+    _set_state(app, server, "sse", sse_path)
     app.state.sse_transport = transport
     return app
 
 
-def _set_state(app: Starlette, server: Served, transport: str) -> None:
-    for name, value in app_state(server, transport).items():
+def _set_state(app: Starlette, server: Served, transport: str, path: str) -> None:
+    for name, value in app_state(server, transport, path).items():
         setattr(app.state, name, value)
 
 
@@ -180,7 +181,7 @@ def streamable_http_app(
             yield
 
     app = Starlette(debug=debug, routes=routes, middleware=middleware, lifespan=lifespan)
-    _set_state(app, server, "streamable-http")
+    _set_state(app, server, "streamable-http", streamable_http_path)
     app.state.session_manager = manager
     return app
 
@@ -204,7 +205,7 @@ def _app(server: Served, transport: Transport, config: SseConfig | None, host: s
 
     routes = [*legacy.routes[:2], streamable.routes[0], *legacy.routes[2:]]
     app = Starlette(routes=routes, middleware=legacy.user_middleware, lifespan=lifespan)
-    _set_state(app, server, "sse")  # fastmcp reads one transport name per app
+    _set_state(app, server, "sse", "/sse")  # fastmcp reads one transport and path per app (README)
     app.state.sse_transport = sse_transport
     app.state.session_manager = manager
     return app

@@ -95,3 +95,13 @@ async def test_a_body_within_the_limit_reaches_the_app_whole() -> None:
             status, body = await _post(base, _head(b"Transfer-Encoding: chunked\r\n"), chunks)
     assert status == 200
     assert json.loads(body) == {"size": LIMIT, "pieces": 1}
+
+
+def test_it_is_the_adapters_limit_exactly_where_the_sdk_has_none() -> None:
+    from mcp_sse_transport import _sdk
+    from mcp_sse_transport._sdk import _body_limit
+
+    major, minor = (int(part) for part in _sdk.VERSION.split(".")[:2])
+    sdk_has_one = (major, minor) >= (1, 28)
+    ours: object = _body_limit.RequestBodyLimitMiddleware
+    assert (_sdk.RequestBodyLimitMiddleware is ours) is not sdk_has_one

@@ -92,8 +92,11 @@ async def test_the_lifespan_is_entered_once_and_custom_routes_are_served() -> No
 
 async def test_the_auth_provider_guards_our_endpoints_and_the_token_reaches_the_tool() -> None:
     mcp = _server(auth=True)
+    app = sse_app(mcp)
+    # what fastmcp's own routes read (its component manager guards itself with fastmcp_auth)
+    assert (app.state.fastmcp_server, app.state.fastmcp_auth, app.state.path) == (mcp, mcp.auth, "/sse")
     with anyio.fail_after(30):
-        async with serving(sse_app(mcp)) as base:
+        async with serving(app) as base:
             async with httpx2.AsyncClient(base_url=base) as http:
                 refused = await http.get("/sse")
                 metadata = await http.get("/.well-known/oauth-protected-resource/sse")

@@ -103,6 +103,7 @@ async def test_langchain_mcp_adapters_over_sse(example: str) -> None:
         async with served(example) as server:
             report = await _report([python, str(CLIENTS / "langchain_client.py"), f"{server.url}/sse"], server)
     _assert_tools(report)
+    assert report["fail"]["raised"] is False, report  # the adapter returns a tool error as its text
 
 
 async def test_the_typescript_sdk_sse_client(example: str, node: str) -> None:

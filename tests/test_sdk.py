@@ -315,8 +315,9 @@ def test_handshake_era_for_no_header_and_the_sdks_handshake_versions(version: st
 
 @pytest.mark.parametrize("version", ["2026-07-28", "2099-01-01", "garbage", ""])
 def test_handshake_era_not_for_any_other_version(version: str) -> None:
-    """Those go to the SDK's single-exchange entry, which validates them."""
-    assert not _sdk.handshake_era(version)
+    """On 2.x those go to the SDK's single-exchange entry, which validates them; 1.x has no other
+    era, and its own manager would open sessions outside ours for them: all are ours."""
+    assert _sdk.handshake_era(version) is (_sdk.MAJOR < 2)
 
 
 @pytest.mark.parametrize(
@@ -593,11 +594,11 @@ async def test_the_sender_context_is_what_the_sdks_streams_carry() -> None:
         assert context is None
 
 
-def test_only_a_fastmcp_server_gets_the_frameworks_wiring() -> None:
+def test_an_sdk_server_is_not_taken_for_a_fastmcp_one() -> None:
     server = MCPServer("plain")
     assert not is_fastmcp(server)
     assert not is_fastmcp(lowlevel_of(server))
-    assert _sdk.app_state(server, "sse") == {}
+    assert _sdk.app_state(server, "sse", "/sse") == {}
     assert _sdk.lowlevel_server(server) is lowlevel_of(server)
 
 

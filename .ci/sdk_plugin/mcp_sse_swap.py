@@ -29,7 +29,6 @@ The swap is verified, loudly:
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import sys
 from typing import Any
 
@@ -40,9 +39,9 @@ from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, Transpo
 
 import mcp_sse_transport
 from mcp_sse_transport import EventStore, SseConfig
+from mcp_sse_transport._sdk._major import MAJOR
 
-_MCP2 = importlib.metadata.version("mcp") >= "2"
-_FRAMEWORK_MODULE = "mcp.server.mcpserver.server" if _MCP2 else "mcp.server.fastmcp.server"
+_FRAMEWORK_MODULE = "mcp.server.mcpserver.server" if MAJOR >= 2 else "mcp.server.fastmcp.server"
 _mcpserver_module = importlib.import_module(_FRAMEWORK_MODULE)
 
 OURS = mcp_sse_transport.SseServerTransport

@@ -9,7 +9,6 @@ the package never asks which major it runs on. Type checking reads the 2.x side.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
@@ -213,10 +212,11 @@ def _bearer_backend(verifier: Any, resource_server_url: Any) -> BearerAuthBacken
 
 
 def stock_manager(app: Server[Any], **kwargs: Any) -> StockSessionManager:
-    """The SDK's session manager with those of ``kwargs`` its constructor takes: mcp before 1.28
-    has no body limit or session limits of its own (ours are in front of it)."""
-    accepted = inspect.signature(StockSessionManager.__init__).parameters
-    return StockSessionManager(app, **{name: value for name, value in kwargs.items() if name in accepted})
+    """The SDK's session manager; mcp before 1.28 has no body limit of its own (ours is in front
+    of it), so it is not given one."""
+    if not STOCK_MANAGER_LIMITS:
+        kwargs.pop("max_request_body_size", None)
+    return StockSessionManager(app, **kwargs)
 
 
 def lowlevel_server(server: Served) -> Server[Any]:
@@ -230,9 +230,13 @@ def app_lifespan(server: Served) -> AbstractAsyncContextManager[Any]:
     return fastmcp_lifespan(server) if is_fastmcp(server) else nullcontext()
 
 
-def app_state(server: Served, transport: str) -> dict[str, Any]:
-    """What the framework's middleware reads off ``app.state`` (fastmcp: the transport's name)."""
-    return {"transport_type": transport, "fastmcp_server": server} if is_fastmcp(server) else {}
+def app_state(server: Served, transport: str, path: str) -> dict[str, Any]:
+    """What the framework's code reads off ``app.state``, as its own app sets it (fastmcp: the
+    transport's name, the server, its auth provider, which its component manager's routes
+    check, and the endpoint's path)."""
+    if not is_fastmcp(server):
+        return {}
+    return {"transport_type": transport, "fastmcp_server": server, "fastmcp_auth": server.auth, "path": path}
 
 
 def server_wiring(

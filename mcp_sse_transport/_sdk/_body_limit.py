@@ -1,7 +1,8 @@
 """The request body limit for mcp 1.24 to 1.27, which have none (1.28 and 2.x have
-``RequestBodyLimitMiddleware``, used in its place): the same constructor, default, answer and
-order of work. The whole body is read first (the front ends count on it: a POST is parsed and
-handed over only once it has all arrived), then given to the app."""
+``RequestBodyLimitMiddleware``, used in its place): the same constructor, default and answer,
+and like it the whole body is read before the app runs (the front ends count on it: a POST is
+parsed and handed over only once it has all arrived). Unlike it, a client that leaves mid-body
+hands the app its disconnect alone, without the part of the body that came."""
 
 from __future__ import annotations
 

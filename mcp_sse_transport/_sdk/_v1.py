@@ -52,7 +52,11 @@ except ImportError:  # pragma: no cover (mcp 1.24 to 1.27)
 try:  # mcp 1.28 on
     from mcp.server.streamable_http_manager import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_IDLE_TIMEOUT
     from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE, RequestBodyLimitMiddleware
+
+    STOCK_MANAGER_LIMITS = True
+    """The SDK's manager takes ``max_request_body_size`` (and its session limits)."""
 except ImportError:  # pragma: no cover (mcp 1.24 to 1.27)
+    STOCK_MANAGER_LIMITS = False
     from ._body_limit import DEFAULT_MAX_REQUEST_BODY_SIZE, RequestBodyLimitMiddleware  # type: ignore[assignment]
 
     DEFAULT_MAX_SESSIONS = 10_000  # type: ignore[misc]  # the values mcp 1.28 and 2.x chose
@@ -83,6 +87,7 @@ __all__ = [
     "MCP_PROTOCOL_VERSION_HEADER",
     "MCP_SESSION_ID_HEADER",
     "REQUEST_CANCELLED",
+    "STOCK_MANAGER_LIMITS",
     "AuthorizationContext",
     "ContextReceiveStream",
     "ContextSendStream",
@@ -114,6 +119,7 @@ __all__ = [
     "primes_streams",
     "request_within_origin",
     "sdk_lowlevel_server",
+    "sdk_message",
     "sender_context",
     "serialize",
     "serve_session",
@@ -143,9 +149,14 @@ def sdk_lowlevel_server(server: MCPServer | Server[Any]) -> Server[Any]:
     return server._mcp_server if isinstance(server, MCPServer) else server
 
 
+def sdk_message(message: Message) -> types.JSONRPCMessage:
+    """A message as the SDK's code takes it (its streams, its event store's replay): in its root model."""
+    return types.JSONRPCMessage(message)
+
+
 def session_message(message: Message, metadata: MessageMetadata = None) -> SessionMessage:
-    """A message as the SDK's streams carry it: in its root model."""
-    return SessionMessage(types.JSONRPCMessage(message), metadata=metadata)
+    """A message as the SDK's streams carry it."""
+    return SessionMessage(sdk_message(message), metadata=metadata)
 
 
 def message_of(item: SessionMessage) -> Message:
@@ -201,10 +212,10 @@ def metadata(
 
 
 def handshake_era(version: str | None) -> bool:
-    """Whether a Streamable HTTP request with this ``MCP-Protocol-Version`` (``None``: no header)
-    belongs to a session: mcp 1.x has no other era; a version it does not know goes to the SDK's
-    manager, which refuses it as the SDK does."""
-    return version is None or version in SUPPORTED_PROTOCOL_VERSIONS
+    """Whether a Streamable HTTP request with this ``MCP-Protocol-Version`` belongs to this
+    library's sessions: always, on mcp 1.x, which has no other era (the SDK's own manager would
+    open a session of its own for a version it does not know, outside our limits)."""
+    return True
 
 
 def primes_streams(version: str) -> bool:

@@ -54,6 +54,7 @@ __all__ = [
     "MCP_PROTOCOL_VERSION_HEADER",
     "MCP_SESSION_ID_HEADER",
     "REQUEST_CANCELLED",
+    "STOCK_MANAGER_LIMITS",
     "AuthorizationContext",
     "ContextReceiveStream",
     "ContextSendStream",
@@ -85,6 +86,7 @@ __all__ = [
     "primes_streams",
     "request_within_origin",
     "sdk_lowlevel_server",
+    "sdk_message",
     "sender_context",
     "serialize",
     "serve_session",
@@ -94,6 +96,9 @@ __all__ = [
     "token_principal",
     "types",
 ]
+
+STOCK_MANAGER_LIMITS = True
+"""The SDK's manager takes ``max_request_body_size`` (and its session limits)."""
 
 Inbound = ContextSendStream[SessionMessage | Exception]
 """The sending end of an SDK server's read stream."""
@@ -107,9 +112,14 @@ def sdk_lowlevel_server(server: MCPServer[Any] | Server[Any]) -> Server[Any]:
     return server._lowlevel_server if isinstance(server, MCPServer) else server
 
 
+def sdk_message(message: Message) -> Message:
+    """A message as the SDK's code takes it (its streams, its event store's replay): itself."""
+    return message
+
+
 def session_message(message: Message, metadata: MessageMetadata = None) -> SessionMessage:
     """A message as the SDK's streams carry it."""
-    return SessionMessage(message, metadata=metadata)
+    return SessionMessage(sdk_message(message), metadata=metadata)
 
 
 def message_of(item: SessionMessage) -> Message:
