@@ -23,6 +23,7 @@ from mcp.server.auth.routes import build_resource_metadata_url, create_protected
 from mcp.server.transport_security import TransportSecurityMiddleware as TransportSecurityMiddleware
 from mcp.server.transport_security import TransportSecuritySettings as TransportSecuritySettings
 from mcp.shared.message import CloseSSEStreamCallback as CloseSSEStreamCallback
+from mcp.shared.message import MessageMetadata
 from pydantic import ValidationError as ValidationError
 from starlette.authentication import BaseUser
 from starlette.middleware import Middleware
@@ -62,6 +63,11 @@ def ended_streams() -> tuple[ReadStream[SessionMessage | Exception], WriteStream
 
 
 # -- messages ------------------------------------------------------------------------------------
+
+
+def session_message(message: Message, metadata: MessageMetadata = None) -> SessionMessage:
+    """A message as the SDK's streams carry it."""
+    return SessionMessage(sdk_message(message), metadata=metadata)
 
 
 def jsonrpc_error(request_id: types.RequestId, message: str, code: int) -> types.JSONRPCError:
@@ -160,7 +166,7 @@ def owner_fingerprint(scope: Scope) -> str:
     identity."""
     user = scope.get("user")
     if isinstance(user, AuthenticatedUser):
-        principal: Any = token_principal(user)
+        principal: Any = authorization_context(user)
     elif isinstance(user, BaseUser) and user.is_authenticated:
         try:
             identity = user.identity

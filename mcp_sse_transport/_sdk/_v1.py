@@ -33,7 +33,7 @@ from mcp.server.streamable_http import EventMessage as SdkEventMessage
 from mcp.server.streamable_http import EventStore as SdkEventStore
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager as StockSessionManager
 from mcp.shared._httpx_utils import McpHttpClientFactory, create_mcp_http_client
-from mcp.shared.message import CloseSSEStreamCallback, MessageMetadata, ServerMessageMetadata, SessionMessage
+from mcp.shared.message import CloseSSEStreamCallback, ServerMessageMetadata, SessionMessage
 from mcp.shared.version import SUPPORTED_PROTOCOL_VERSIONS
 from mcp.types import DEFAULT_NEGOTIATED_VERSION
 from starlette.requests import Request
@@ -107,6 +107,7 @@ __all__ = [
     "WriteStream",
     "accepts",
     "auth_server_routes",
+    "authorization_context",
     "create_context_streams",
     "create_mcp_http_client",
     "dump",
@@ -123,10 +124,8 @@ __all__ = [
     "sender_context",
     "serialize",
     "serve_session",
-    "session_message",
     "speaks_handshake",
     "sse_within_origin",
-    "token_principal",
     "types",
 ]
 
@@ -154,11 +153,6 @@ def sdk_message(message: Message) -> types.JSONRPCMessage:
     return types.JSONRPCMessage(message)
 
 
-def session_message(message: Message, metadata: MessageMetadata = None) -> SessionMessage:
-    """A message as the SDK's streams carry it."""
-    return SessionMessage(sdk_message(message), metadata=metadata)
-
-
 def message_of(item: SessionMessage) -> Message:
     """The JSON-RPC message an SDK stream item carries."""
     return item.message.root
@@ -183,11 +177,6 @@ def serialize(message: Message) -> bytes:
 
 def dump(message: Message) -> str:
     return message.model_dump_json(by_alias=True, exclude_none=True)
-
-
-def token_principal(user: AuthenticatedUser) -> AuthorizationContext:
-    """The principal a bearer token names, as the SDK's manager compares session owners."""
-    return authorization_context(user)
 
 
 def speaks_handshake(version: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx2 as httpx
 import mcp_types as types
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, AuthorizationContext, authorization_context
+from mcp.server.auth.middleware.bearer_auth import AuthorizationContext, authorization_context
 from mcp.server.auth.routes import create_auth_routes
 from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
@@ -39,7 +39,7 @@ from mcp.shared._httpx_utils import (
 )
 from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
-from mcp.shared.message import CloseSSEStreamCallback, MessageMetadata, ServerMessageMetadata, SessionMessage
+from mcp.shared.message import CloseSSEStreamCallback, ServerMessageMetadata, SessionMessage
 from mcp_types import DEFAULT_NEGOTIATED_VERSION
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, is_version_at_least
 from starlette.requests import Request
@@ -74,6 +74,7 @@ __all__ = [
     "WriteStream",
     "accepts",
     "auth_server_routes",
+    "authorization_context",
     "create_context_streams",
     "create_mcp_http_client",
     "dump",
@@ -90,10 +91,8 @@ __all__ = [
     "sender_context",
     "serialize",
     "serve_session",
-    "session_message",
     "speaks_handshake",
     "sse_within_origin",
-    "token_principal",
     "types",
 ]
 
@@ -115,11 +114,6 @@ def sdk_lowlevel_server(server: MCPServer[Any] | Server[Any]) -> Server[Any]:
 def sdk_message(message: Message) -> Message:
     """A message as the SDK's code takes it (its streams, its event store's replay): itself."""
     return message
-
-
-def session_message(message: Message, metadata: MessageMetadata = None) -> SessionMessage:
-    """A message as the SDK's streams carry it."""
-    return SessionMessage(sdk_message(message), metadata=metadata)
 
 
 def message_of(item: SessionMessage) -> Message:
@@ -145,11 +139,6 @@ def serialize(message: Message) -> bytes:
 
 def dump(message: Message) -> str:
     return message.model_dump_json(by_alias=True, exclude_unset=True)
-
-
-def token_principal(user: AuthenticatedUser) -> AuthorizationContext:
-    """The principal a bearer token names, as the SDK's manager compares session owners."""
-    return authorization_context(user)
 
 
 def speaks_handshake(version: str) -> bool:
