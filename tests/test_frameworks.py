@@ -91,7 +91,7 @@ async def test_the_python_sdk_clients_of_both_majors(example: str, streamable: b
     with anyio.fail_after(90):
         async with served(example) as server:
             url = f"{server.url}/mcp" if streamable else f"{server.url}/sse"
-            argv = [python, str(CLIENTS / "sdk_client.py"), url, *(["--streamable"] if streamable else [])]
+            argv = [python, "-m", "tests.clients.sdk_client", url, *(["--streamable"] if streamable else [])]
             report = await _report(argv, server)
     _assert_tools(report)
     assert report["fail"]["isError"] is True, report

@@ -1,5 +1,6 @@
 """The Python SDK's own client, of whichever major this interpreter has, against one server:
-``python tests/clients/sdk_client.py URL [--streamable]``. It lists the tools, calls ``echo``,
+``python -m tests.clients.sdk_client URL [--streamable]`` (from the checkout: the session is the
+example client's). It lists the tools, calls ``echo``,
 ``countdown`` (collecting its progress) and ``fail``, and prints one JSON report on stdout."""
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from typing import Any
 
 import anyio
 
-MAJOR = int(version("mcp").split(".")[0])
+from examples.client import session
 
 
-async def _session_report(session: Any) -> dict[str, Any]:
+async def _session_report(client: Any) -> dict[str, Any]:
     progress: list[float] = []
 
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append(value)
 
-    tools = await session.list_tools()
-    echo = await session.call_tool("echo", {"text": "hi"})
-    counted = await session.call_tool("countdown", {"steps": 3, "interval": 0.05}, progress_callback=on_progress)
-    failed = await session.call_tool("fail", {"reason": "boom"})
+    tools = await client.list_tools()
+    echo = await client.call_tool("echo", {"text": "hi"})
+    counted = await client.call_tool("countdown", {"steps": 3, "interval": 0.05}, progress_callback=on_progress)
+    failed = await client.call_tool("fail", {"reason": "boom"})
     return {
         "mcp": version("mcp"),
         "tools": sorted(tool.name for tool in tools.tools),
@@ -39,27 +40,8 @@ async def _session_report(session: Any) -> dict[str, Any]:
 
 async def main(url: str, streamable: bool) -> dict[str, Any]:
     with anyio.fail_after(30):
-        if MAJOR >= 2:
-            from mcp.client.client import Client
-            from mcp.client.sse import sse_client
-            from mcp.client.streamable_http import streamable_http_client
-
-            transport = streamable_http_client(url) if streamable else sse_client(url)
-            async with Client(transport, mode="legacy") as client:
-                return await _session_report(client)
-        from mcp.client.session import ClientSession
-        from mcp.client.sse import sse_client as sse_client_v1
-        from mcp.client.streamable_http import streamablehttp_client  # type: ignore[attr-defined]  # 1.x spelling
-
-        if streamable:
-            async with streamablehttp_client(url) as (read, write, _):
-                async with ClientSession(read, write) as session:
-                    await session.initialize()
-                    return await _session_report(session)
-        async with sse_client_v1(url) as (read, write):
-            async with ClientSession(read, write) as session:
-                await session.initialize()
-                return await _session_report(session)
+        async with session("streamable" if streamable else "stock", url) as client:
+            return await _session_report(client)
 
 
 if __name__ == "__main__":

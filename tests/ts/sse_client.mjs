@@ -1,5 +1,5 @@
 // The TypeScript SDK's SSEClientTransport against an MCP server with the example's tools
-// (echo, countdown, fail), for tests/test_ts_client.py and tests/test_frameworks.py.
+// (echo, countdown, fail), for tests/test_frameworks.py.
 //
 // Usage: node sse_client.mjs <sse url>
 // Prints one JSON object on stdout and exits 0:
